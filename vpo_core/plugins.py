@@ -1,0 +1,205 @@
+"""Plugin discovery and the registry of parts (a typed facade over pluggy).
+
+Every entry point of the ``vpo`` group is loaded on its own: one that fails to import, implements an
+unknown hook, or whose hook raises is recorded as *broken* (distribution, version, error) and the others
+keep working. ``VPO_LOAD_PLUGINS=a,b`` loads only those entry points (or distributions);
+``VPO_DISABLE_PLUGINS=x`` skips some.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata as md
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pluggy
+from pydantic import BaseModel
+
+from . import hookspecs
+from .errors import SpecError
+from .types import KINDS, Kind, PartConfig
+
+ENTRY_POINT_GROUP = "vpo"
+
+HOOK_OF_KIND: dict[Kind, str] = {
+    "policy": "vpo_register_policies",
+    "reward": "vpo_register_rewards",
+    "selector": "vpo_register_pair_selectors",
+    "objective": "vpo_register_objectives",
+}
+
+
+@dataclass
+class Component:
+    kind: Kind
+    name: str
+    factory: Callable[..., Any]
+    config_model: type[PartConfig]
+    plugin: str
+
+
+@dataclass
+class PluginInfo:
+    name: str  # entry-point name (or the name given to ``register_plugin``)
+    distribution: str | None = None
+    version: str | None = None
+    parts: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    error: str | None = None
+
+    @property
+    def broken(self) -> bool:
+        return self.error is not None
+
+    def describe(self) -> str:
+        dist = f"{self.distribution} {self.version}" if self.distribution else self.name
+        return f"plugin '{self.name}' ({dist})"
+
+
+class DuplicateComponentError(Exception):
+    pass
+
+
+def _split_env(name: str) -> set[str] | None:
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    return {item.strip() for item in raw.split(",") if item.strip()}
+
+
+class PluginManager:
+    """Loads plugins and keeps one registry per kind of part."""
+
+    def __init__(self, load_entrypoints: bool = True) -> None:
+        self._pm = pluggy.PluginManager("vpo")
+        self._pm.add_hookspecs(hookspecs)
+        self.plugins: dict[str, PluginInfo] = {}
+        self.components: dict[Kind, dict[str, Component]] = {k: {} for k in KINDS}
+        if load_entrypoints:
+            self.load_entrypoints()
+
+    # ------------------------------------------------------------------------------------------ loading
+    def load_entrypoints(self) -> None:
+        only = _split_env("VPO_LOAD_PLUGINS")
+        disabled = _split_env("VPO_DISABLE_PLUGINS") or set()
+        for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.metadata["Name"] if dist is not None else None
+            names = {ep.name, dist_name}
+            if only is not None and not names & only:
+                continue
+            if names & disabled:
+                continue
+            info = PluginInfo(ep.name, dist_name, dist.version if dist is not None else None)
+            try:
+                module = ep.load()
+            except BaseException as exc:  # noqa: BLE001 - a plugin may raise anything, even SystemExit
+                info.error = f"import failed: {type(exc).__name__}: {exc}"
+                self.plugins[ep.name] = info
+                continue
+            self.register_plugin(module, ep.name, info)
+
+    def register_plugin(self, plugin: object, name: str | None = None, info: PluginInfo | None = None) -> PluginInfo:
+        """Register a module or object holding hook implementations (tests use this directly)."""
+        name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+        info = info or PluginInfo(name)
+        info.name = name
+        self.plugins[name] = info
+        try:
+            self._pm.register(plugin, name=name)
+        except Exception as exc:  # noqa: BLE001
+            info.error = f"registration failed: {exc}"
+            return info
+        unknown = self._unknown_hooks(name)
+        if unknown:
+            self._pm.unregister(name=name)
+            info.error = "; ".join(unknown)
+            return info
+        self._collect(plugin, name, info)
+        return info
+
+    def _unknown_hooks(self, name: str) -> list[str]:
+        """Like pytest's ``check_pending`` but for one plugin, so a misspelt hook breaks only its plugin."""
+        problems = []
+        known = list(HOOK_OF_KIND.values())
+        for hook_name in dir(self._pm.hook):
+            if hook_name.startswith("_"):
+                continue
+            caller = getattr(self._pm.hook, hook_name)
+            if caller.has_spec():
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.plugin_name == name:
+                    close = difflib.get_close_matches(hook_name, known, n=1)
+                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                    problems.append(f"unknown hook '{hook_name}'{hint}")
+        return problems
+
+    def _collect(self, plugin: object, name: str, info: PluginInfo) -> None:
+        """Call this plugin's hooks one by one; on any error drop everything it registered."""
+        registered: list[Component] = []
+        for kind, hook_name in HOOK_OF_KIND.items():
+            impl = getattr(plugin, hook_name, None)
+            if impl is None or self._pm.parse_hookimpl_opts(plugin, hook_name) is None:
+                continue
+
+            def register(part_name: str, factory: Callable[..., Any], config_model: type[BaseModel] = PartConfig,
+                         _kind: Kind = kind) -> None:
+                if not isinstance(config_model, type) or not issubclass(config_model, BaseModel):
+                    raise TypeError(f"config_model of {_kind} '{part_name}' must be a pydantic model class")
+                registered.append(Component(_kind, part_name, factory, config_model, name))
+
+            try:
+                impl(register=register)
+            except BaseException as exc:  # noqa: BLE001
+                info.error = f"hook {hook_name} raised {type(exc).__name__}: {exc}"
+                self._pm.unregister(name=name)
+                return
+        for comp in registered:
+            existing = self.components[comp.kind].get(comp.name)
+            if existing is not None:
+                raise DuplicateComponentError(
+                    f"{comp.kind} '{comp.name}' is registered twice: by plugin '{existing.plugin}' and by "
+                    f"plugin '{comp.plugin}'. Uninstall one or disable it with VPO_DISABLE_PLUGINS={comp.plugin}"
+                )
+        for comp in registered:
+            self.components[comp.kind][comp.name] = comp
+            info.parts[comp.kind].append(comp.name)
+
+    # ------------------------------------------------------------------------------------------ lookup
+    @property
+    def broken(self) -> list[PluginInfo]:
+        return [p for p in self.plugins.values() if p.broken]
+
+    def get(self, kind: Kind, name: str, path: str = "", line: int | None = None) -> Component:
+        comp = self.components[kind].get(name)
+        if comp is not None:
+            return comp
+        raise missing_component_error(self, kind, name, path, line)
+
+
+def missing_component_error(pm: PluginManager, kind: Kind, name: str, path: str, line: int | None) -> SpecError:
+    """The most useful message for a part name that no loaded plugin registers."""
+    from .registry import find_provider  # local import: registry reads a YAML file
+
+    provider = find_provider(kind, name)
+    if provider is not None:
+        broken = next((p for p in pm.broken if provider.distribution in {p.distribution, p.name}), None)
+        if broken is not None:
+            return SpecError(
+                f"{kind} '{name}' comes from {broken.describe()}, which is installed but broken: {broken.error}",
+                path, line, exit_code=3)
+        return SpecError(
+            f"{kind} '{name}' is not installed. Install it with: {provider.install}",
+            path, line, exit_code=3)
+    known = sorted(pm.components[kind])
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    listing = ", ".join(known) if known else "none installed"
+    message = f"unknown {kind} '{name}'.{hint} Known {kind}s: {listing}."
+    if pm.broken:
+        # A broken plugin registers nothing, so we cannot know its parts: name it, it is the likely provider.
+        broken = "; ".join(f"{p.describe()}: {p.error}" for p in pm.broken)
+        return SpecError(f"{message} Broken plugins that may provide it: {broken}", path, line, exit_code=3)
+    return SpecError(f"{message} Run `vpo plugins` to list installed plugins.", path, line, exit_code=2)
