@@ -30,3 +30,12 @@ def vpo_register_pair_selectors(register):
 @hookspec
 def vpo_register_objectives(register):
     """Register objectives: a batch of pairs or prompts -> loss (``vpo_core.types.Objective``)."""
+
+
+@hookspec
+def vpo_register_commands(register):
+    """Register CLI sub-commands under ``vpo <name>``.
+
+    ``register(name, configure, run, help)``: ``configure(parser)`` adds arguments to an argparse parser,
+    ``run(args) -> int`` returns the exit code (raise ``vpo_core.VpoError`` for user mistakes).
+    """

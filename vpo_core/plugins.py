@@ -3,12 +3,13 @@
 Every entry point of the ``vpo`` group is loaded on its own: one that fails to import, implements an
 unknown hook, or whose hook raises is recorded as *broken* (distribution, version, error) and the others
 keep working. ``VPO_LOAD_PLUGINS=a,b`` loads only those entry points (or distributions);
-``VPO_DISABLE_PLUGINS=x`` skips some.
+``VPO_DISABLE_PLUGINS=x`` skips some; ``VPO_EXTRA_PLUGINS=pkg.module`` loads modules that are not installed.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.metadata as md
 import os
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import pluggy
 from pydantic import BaseModel
 
 from . import hookspecs
-from .errors import SpecError
+from .errors import PluginError, SpecError
 from .types import KINDS, Kind, PartConfig
 
 ENTRY_POINT_GROUP = "vpo"
@@ -41,6 +42,15 @@ class Component:
 
 
 @dataclass
+class Command:
+    name: str
+    configure: Callable[[Any], None]
+    run: Callable[[Any], int]
+    help: str
+    plugin: str
+
+
+@dataclass
 class PluginInfo:
     name: str  # entry-point name (or the name given to ``register_plugin``)
     distribution: str | None = None
@@ -57,7 +67,7 @@ class PluginInfo:
         return f"plugin '{self.name}' ({dist})"
 
 
-class DuplicateComponentError(Exception):
+class DuplicateComponentError(PluginError):
     pass
 
 
@@ -76,6 +86,7 @@ class PluginManager:
         self._pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, PluginInfo] = {}
         self.components: dict[Kind, dict[str, Component]] = {k: {} for k in KINDS}
+        self.commands: dict[str, Command] = {}
         if load_entrypoints:
             self.load_entrypoints()
 
@@ -99,6 +110,16 @@ class PluginManager:
                 self.plugins[ep.name] = info
                 continue
             self.register_plugin(module, ep.name, info)
+        # Modules named here load like entry points without being installed (plugin development, tests).
+        for module_name in sorted(_split_env("VPO_EXTRA_PLUGINS") or ()):
+            info = PluginInfo(module_name)
+            try:
+                module = importlib.import_module(module_name)
+            except BaseException as exc:  # noqa: BLE001
+                info.error = f"import failed: {type(exc).__name__}: {exc}"
+                self.plugins[module_name] = info
+                continue
+            self.register_plugin(module, module_name, info)
 
     def register_plugin(self, plugin: object, name: str | None = None, info: PluginInfo | None = None) -> PluginInfo:
         """Register a module or object holding hook implementations (tests use this directly)."""
@@ -122,7 +143,7 @@ class PluginManager:
     def _unknown_hooks(self, name: str) -> list[str]:
         """Like pytest's ``check_pending`` but for one plugin, so a misspelt hook breaks only its plugin."""
         problems = []
-        known = list(HOOK_OF_KIND.values())
+        known = list(HOOK_OF_KIND.values()) + ["vpo_register_commands"]
         for hook_name in dir(self._pm.hook):
             if hook_name.startswith("_"):
                 continue
@@ -136,12 +157,19 @@ class PluginManager:
                     problems.append(f"unknown hook '{hook_name}'{hint}")
         return problems
 
+    def _impl(self, plugin_name: str, hook_name: str) -> Callable[..., Any] | None:
+        """The function implementing ``hook_name`` in plugin ``plugin_name``, if any."""
+        for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
+            if impl.plugin_name == plugin_name:
+                return impl.function
+        return None
+
     def _collect(self, plugin: object, name: str, info: PluginInfo) -> None:
         """Call this plugin's hooks one by one; on any error drop everything it registered."""
         registered: list[Component] = []
         for kind, hook_name in HOOK_OF_KIND.items():
-            impl = getattr(plugin, hook_name, None)
-            if impl is None or self._pm.parse_hookimpl_opts(plugin, hook_name) is None:
+            impl = self._impl(name, hook_name)
+            if impl is None:
                 continue
 
             def register(part_name: str, factory: Callable[..., Any], config_model: type[BaseModel] = PartConfig,
@@ -156,6 +184,18 @@ class PluginManager:
                 info.error = f"hook {hook_name} raised {type(exc).__name__}: {exc}"
                 self._pm.unregister(name=name)
                 return
+        commands: list[Command] = []
+        command_impl = self._impl(name, "vpo_register_commands")
+        if command_impl is not None:
+            def register_command(cmd_name: str, configure: Callable, run: Callable, help: str = "") -> None:
+                commands.append(Command(cmd_name, configure, run, help, name))
+
+            try:
+                command_impl(register=register_command)
+            except BaseException as exc:  # noqa: BLE001
+                info.error = f"hook vpo_register_commands raised {type(exc).__name__}: {exc}"
+                self._pm.unregister(name=name)
+                return
         for comp in registered:
             existing = self.components[comp.kind].get(comp.name)
             if existing is not None:
@@ -166,6 +206,11 @@ class PluginManager:
         for comp in registered:
             self.components[comp.kind][comp.name] = comp
             info.parts[comp.kind].append(comp.name)
+        for cmd in commands:
+            if cmd.name in self.commands:
+                raise DuplicateComponentError(f"command '{cmd.name}' is registered twice: by plugin "
+                                              f"'{self.commands[cmd.name].plugin}' and by plugin '{name}'")
+            self.commands[cmd.name] = cmd
 
     # ------------------------------------------------------------------------------------------ lookup
     @property

@@ -1,0 +1,158 @@
+"""The ``videoscore`` reward: config, checkpoint detection, and batched differentiable scoring."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from vpo_core import BuildContext, PartConfig, iter_chunks
+
+from . import idefics2, qwen2_vl
+from .common import DIMENSIONS, CheckpointError, check_source, read_json, uniform_frame_indices
+
+# config.json model_type -> (variant, architecture the published checkpoint declares)
+VARIANTS = {
+    "idefics2": ("idefics2", idefics2.ARCHITECTURE),
+    "qwen2_vl": ("qwen2vl", qwen2_vl.ARCHITECTURE),
+}
+SCORERS = {"idefics2": idefics2.Idefics2Scorer, "qwen2vl": qwen2_vl.Qwen2VLScorer}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class VideoScoreConfig(PartConfig):
+    """Config of the ``videoscore`` reward (see the plugin README for a spec example)."""
+
+    model: str = "TIGER-Lab/VideoScore-v1.1"
+    revision: str | None = None
+    # "auto": read from config.json (model_type idefics2 -> VideoScore/-v1.1, qwen2_vl -> VideoScore-Qwen2-VL).
+    variant: Literal["auto", "idefics2", "qwen2vl"] = "auto"
+    # Frames sampled uniformly from each clip. None: 48 for a model named *v1.1*, else 16.
+    num_frames: int | None = Field(default=None, ge=1)
+    dimensions: list[str] | Literal["all"] = "all"
+    # When set, the reward also returns "weighted" = sum_d weights[d] * score_d.
+    weights: dict[str, float] | None = None
+    micro_batch_size: int = Field(default=1, ge=1)
+    # "auto": bfloat16 on CUDA, float32 elsewhere.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str | None = None  # None: the run's device
+    # Qwen2-VL only: per-frame pixel budget (None: qwen_vl_utils' video defaults 128*28*28 .. 768*28*28).
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
+
+    @field_validator("dimensions")
+    @classmethod
+    def _known_dimensions(cls, value):
+        if value == "all":
+            return value
+        if not value:
+            raise ValueError(f"choose at least one dimension of {', '.join(DIMENSIONS)} (or 'all')")
+        unknown = [d for d in value if d not in DIMENSIONS]
+        if unknown:
+            raise ValueError(f"unknown VideoScore dimension(s) {unknown}; valid: {', '.join(DIMENSIONS)} or 'all'")
+        if len(set(value)) != len(value):
+            raise ValueError(f"dimensions listed twice: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _known_weights(self):
+        if self.weights is not None:
+            selected = self.selected_dimensions()
+            unknown = [d for d in self.weights if d not in selected]
+            if unknown or not self.weights:
+                raise ValueError(
+                    f"weights must name selected dimensions; got {sorted(self.weights)}, selected: "
+                    f"{', '.join(selected)} (valid dimensions: {', '.join(DIMENSIONS)})"
+                )
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) exceeds max_pixels ({self.max_pixels})")
+        return self
+
+    def selected_dimensions(self) -> tuple[str, ...]:
+        return DIMENSIONS if self.dimensions == "all" else tuple(self.dimensions)
+
+
+def detect_variant(model: str, revision: str | None, requested: str) -> str:
+    """Variant of a checkpoint from its config.json; a clear error for anything that is not VideoScore."""
+    check_source(model)
+    config = read_json(model, "config.json", revision, required=True)
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or []
+    if model_type not in VARIANTS:
+        raise CheckpointError(
+            f"{model} is not a VideoScore checkpoint: config.json has model_type={model_type!r}, expected "
+            f"'idefics2' (TIGER-Lab/VideoScore, VideoScore-v1.1) or 'qwen2_vl' (TIGER-Lab/VideoScore-Qwen2-VL)."
+        )
+    variant, architecture = VARIANTS[model_type]
+    if architecture not in architectures:
+        raise CheckpointError(
+            f"{model} is a {model_type} model but not a VideoScore regression checkpoint: config.json "
+            f"architectures={architectures}, expected [{architecture!r}]."
+        )
+    if requested != "auto" and requested != variant:
+        raise CheckpointError(f"variant={requested!r} was set but {model} is a {variant!r} checkpoint.")
+    return variant
+
+
+def default_num_frames(model: str, variant: str) -> int:
+    # VideoScore-v1.1 was trained on 48 frames, VideoScore (v1) on 16; the Qwen2-VL example samples 8 fps
+    # (16 frames for a 2 s clip). config.json does not tell v1 from v1.1, so the name decides.
+    return 48 if variant == "idefics2" and "v1.1" in model.lower() else 16
+
+
+class VideoScoreReward:
+    """VideoScore regression scores (≈1–4 per dimension, higher is better), differentiable in the pixels."""
+
+    differentiable = True
+
+    def __init__(self, config: VideoScoreConfig, context: BuildContext):
+        self.config = config
+        self.device = torch.device(config.device) if config.device else torch.device(context.device)
+        dtype = config.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.variant = detect_variant(config.model, config.revision, config.variant)
+        self.num_frames = config.num_frames or default_num_frames(config.model, self.variant)
+        extra = {"min_pixels": config.min_pixels, "max_pixels": config.max_pixels} if self.variant == "qwen2vl" else {}
+        self.scorer = SCORERS[self.variant].from_pretrained(config.model, config.revision, DTYPES[dtype], **extra)
+        self.scorer.to(self.device)
+        num_labels = self.scorer.model.config.num_labels
+        if num_labels != len(DIMENSIONS):
+            raise CheckpointError(
+                f"{config.model}: the head has {num_labels} outputs, VideoScore has {len(DIMENSIONS)} "
+                f"({', '.join(DIMENSIONS)})."
+            )
+        self.selected = config.selected_dimensions()
+        self.weights = config.weights
+        self.dimensions = self.selected + (("weighted",) if self.weights else ())
+
+    def sample_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        indices = uniform_frame_indices(frames.shape[1], self.num_frames)
+        if len(indices) == frames.shape[1]:
+            return frames
+        return frames[:, torch.tensor(indices, device=frames.device)]
+
+    def raw_scores(self, frames: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """``[B,T,C,H,W]`` in [0,1] -> head outputs ``[B, 5]`` (float32), in micro-batches."""
+        if frames.ndim != 5 or frames.shape[2] != 3:
+            raise ValueError(f"frames must be [B,T,3,H,W] in [0,1], got shape {tuple(frames.shape)}")
+        if len(prompts) != frames.shape[0]:
+            raise ValueError(f"{frames.shape[0]} videos but {len(prompts)} prompts")
+        frames = self.sample_frames(frames)
+        chunks = [
+            self.scorer(frames[rows], prompts[rows]).float()
+            for rows in iter_chunks(frames.shape[0], self.config.micro_batch_size)
+        ]
+        return torch.cat(chunks).to(frames.device)
+
+    def score(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        raw = self.raw_scores(frames, prompts)
+        by_name = {name: raw[:, i] for i, name in enumerate(DIMENSIONS)}
+        scores = {name: by_name[name] for name in self.selected}
+        if self.weights:
+            scores["weighted"] = sum(w * by_name[name] for name, w in self.weights.items())
+        return scores
+
+
+def build(config: VideoScoreConfig, context: BuildContext) -> VideoScoreReward:
+    return VideoScoreReward(config, context)

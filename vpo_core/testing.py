@@ -1,0 +1,259 @@
+"""Tiny pure-torch parts for testing the core and for trying vpo without any model (``VPO_EXTRA_PLUGINS=vpo_core.testing``).
+
+* policy ``toy``: a per-pixel eps-prediction denoiser over "latents" ``[B,T,3,H,W]``; frames = sigmoid(latents);
+  DDIM sampling; the reference is a frozen copy of the weights (tiny, so a copy is fine here).
+* reward ``toy_brightness``: dims ``brightness`` (mean pixel) and ``smoothness`` (1 - mean |frame difference|).
+* selector ``toy_best_worst`` and objectives ``toy_dpo`` (Diffusion-DPO from the core) and
+  ``toy_reward_gradient`` (maximise the total reward through the last denoising steps).
+The first-party plugins provide the real versions of these (vpo-onlinevpo, vpo-vader).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from pathlib import Path
+from typing import ClassVar, Iterator, Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.func import functional_call
+
+from .dpo import dpo_pair_loss
+from .hookspecs import hookimpl
+from .types import (BuildContext, GradientWindow, ObjectiveOutput, Pair, PairBatch, PartConfig, PromptBatch,
+                    Rollout, StepContext)
+
+
+class ToyPolicyConfig(PartConfig):
+    frames: int = 4
+    size: int = 8
+    hidden: int = 32
+    steps: int = 4
+    train_timesteps: int = 100
+    text_buckets: int = 64
+
+
+def _prompt_ids(prompt: str, buckets: int) -> list[int]:
+    return [int(hashlib.md5(w.encode()).hexdigest(), 16) % buckets for w in prompt.lower().split()] or [0]
+
+
+class ToyDenoiser(nn.Module):
+    def __init__(self, hidden: int, buckets: int) -> None:
+        super().__init__()
+        self.text = nn.EmbeddingBag(buckets, hidden, mode="mean")
+        self.time = nn.Linear(1, hidden)
+        self.inp = nn.Linear(3, hidden)
+        self.out = nn.Linear(hidden, 3)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x.movedim(2, -1))  # [B,T,H,W,hidden]
+        cond = text + self.time(t.float().unsqueeze(-1) / 1000)
+        h = torch.nn.functional.silu(h + cond[:, None, None, None, :])
+        return self.out(h).movedim(-1, 2)
+
+
+class ToyPolicy:
+    def __init__(self, config: ToyPolicyConfig, context: BuildContext) -> None:
+        self.config = config
+        self.device = context.device
+        torch.manual_seed(context.seed)
+        self.net = ToyDenoiser(config.hidden, config.text_buckets).to(self.device)
+        self.reference = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        self._use_ref = False
+        betas = torch.linspace(1e-3, 0.2, config.train_timesteps)
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0).to(self.device)
+
+    # -- helpers
+    def _text(self, prompts: list[str]) -> torch.Tensor:
+        ids = [torch.tensor(_prompt_ids(p, self.config.text_buckets)) for p in prompts]
+        offsets = torch.tensor([0] + [len(i) for i in ids[:-1]]).cumsum(0)
+        return self._forward_text(torch.cat(ids).to(self.device), offsets.to(self.device))
+
+    def _forward_text(self, ids, offsets):
+        if self._use_ref:
+            return functional_call(self.net.text, {"weight": self.reference["text.weight"]}, (ids, offsets))
+        return self.net.text(ids, offsets)
+
+    def _eps(self, x, t, prompts):
+        if self._use_ref:
+            return functional_call(self.net, self.reference, (x, t, self._text(prompts)))
+        return self.net(x, t, self._text(prompts))
+
+    def _shape(self, b: int) -> tuple[int, ...]:
+        return (b, self.config.frames, 3, self.config.size, self.config.size)
+
+    # -- protocol
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.net.parameters())
+
+    def sample(self, prompts, seeds, *, decode=True, gradient: GradientWindow | None = None) -> Rollout:
+        x = torch.stack([torch.randn(self._shape(1)[1:], generator=torch.Generator().manual_seed(s))
+                         for s in seeds]).to(self.device)
+        ts = torch.linspace(self.config.train_timesteps - 1, 0, self.config.steps).long().tolist()
+        window = 0
+        if gradient is not None:
+            window = gradient.last_steps
+            if gradient.random_cutoff:
+                g = torch.Generator().manual_seed(seeds[0])
+                window = int(torch.randint(1, gradient.last_steps + 1, (1,), generator=g))
+        for i, t in enumerate(ts):
+            with torch.set_grad_enabled(gradient is not None and i >= len(ts) - window):
+                a = self.alphas_cumprod[t]
+                a_prev = self.alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+                eps = self._eps(x, torch.full((x.shape[0],), t, device=self.device), prompts)
+                x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+                x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        frames = self.decode(x) if decode and gradient is None else None
+        return Rollout(latents=x if gradient is not None else x.detach(), prompts=list(prompts),
+                       seeds=list(seeds), frames=frames)
+
+    def decode(self, latents, frame_indices=None):
+        if frame_indices is not None:
+            latents = latents[:, frame_indices]
+        return torch.sigmoid(latents)
+
+    def encode(self, frames):
+        return torch.logit(frames.clamp(1e-4, 1 - 1e-4))
+
+    def sample_timesteps(self, batch_size, generator):
+        return torch.randint(0, self.config.train_timesteps, (batch_size,), generator=generator).to(self.device)
+
+    def sample_noise(self, latents, generator):
+        return torch.randn(latents.shape, generator=generator).to(latents)
+
+    def denoising_loss(self, latents, prompts, timesteps, noise):
+        a = self.alphas_cumprod[timesteps].view(-1, *[1] * (latents.dim() - 1))
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        pred = self._eps(noisy, timesteps, prompts)
+        return ((pred.float() - noise.float()) ** 2).mean(dim=tuple(range(1, latents.dim())))
+
+    @contextlib.contextmanager
+    def use_reference(self) -> Iterator[None]:
+        previous, self._use_ref = self._use_ref, True
+        try:
+            yield
+        finally:
+            self._use_ref = previous
+
+    def update_reference(self) -> None:
+        self.reference = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+
+    def state_dict_for_checkpoint(self):
+        state = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        state.update({f"reference.{k}": v for k, v in self.reference.items()})
+        return state
+
+    def load_state_dict_from_checkpoint(self, state):
+        self.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+        self.reference = {k[10:]: v.to(self.device) for k, v in state.items() if k.startswith("reference.")}
+
+    def save_pretrained(self, directory: Path) -> None:
+        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(Path(directory) / "toy.safetensors"))
+
+    def train(self, mode: bool = True):
+        self.net.train(mode)
+        return self
+
+
+class ToyRewardConfig(PartConfig):
+    dimensions: list[Literal["brightness", "smoothness"]] = ["brightness", "smoothness"]
+
+
+class ToyReward:
+    differentiable = True
+
+    def __init__(self, config: ToyRewardConfig, context: BuildContext) -> None:
+        self.dimensions = tuple(config.dimensions)
+
+    def score(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        if "brightness" in self.dimensions:
+            out["brightness"] = frames.mean(dim=(1, 2, 3, 4))
+        if "smoothness" in self.dimensions:
+            diff = (frames[:, 1:] - frames[:, :-1]).abs().mean(dim=(1, 2, 3, 4)) if frames.shape[1] > 1 else 0 * frames[:, 0, 0, 0, 0]
+            out["smoothness"] = 1 - diff
+        return out
+
+
+class ToySelectorConfig(PartConfig):
+    key: str = "total"
+    min_gap: float = 0.0
+
+
+class ToySelector:
+    def __init__(self, config: ToySelectorConfig, context: BuildContext) -> None:
+        self.config = config
+
+    def select(self, scores: dict[str, torch.Tensor]) -> list[Pair]:
+        grid = scores[self.config.key]
+        pairs = []
+        for p in range(grid.shape[0]):
+            best, worst = int(grid[p].argmax()), int(grid[p].argmin())
+            gap = float(grid[p, best] - grid[p, worst])
+            if gap > self.config.min_gap:
+                pairs.append(Pair(p, best, worst, 1.0, gap))
+        return pairs
+
+
+class ToyDPOConfig(PartConfig):
+    requires: ClassVar[str] = "pairs"
+    beta: float = 50.0
+    shared_noise: bool = True
+    reference_update_every: int = 0
+
+
+class ToyDPO:
+    requires = "pairs"
+
+    def __init__(self, config: ToyDPOConfig, context: BuildContext) -> None:
+        self.config = config
+
+    def loss(self, policy, batch: PairBatch, ctx: StepContext) -> ObjectiveOutput:
+        return dpo_pair_loss(policy, batch, ctx.generator, self.config.beta, self.config.shared_noise)
+
+    def after_optimizer_step(self, step: int, policy) -> dict[str, float]:
+        k = self.config.reference_update_every
+        if k and step % k == 0:
+            policy.update_reference()
+            return {"reference_updated": 1.0}
+        return {}
+
+
+class ToyRewardGradientConfig(PartConfig):
+    requires: ClassVar[str] = "rollout"
+    last_steps: int = 1
+
+
+class ToyRewardGradient:
+    requires = "rollout"
+
+    def __init__(self, config: ToyRewardGradientConfig, context: BuildContext) -> None:
+        self.config = config
+
+    def loss(self, policy, batch: PromptBatch, ctx: StepContext) -> ObjectiveOutput:
+        rollout = policy.sample(batch.prompts, batch.seeds, gradient=GradientWindow(self.config.last_steps))
+        scores = ctx.score(policy.decode(rollout.latents), batch.prompts)
+        return ObjectiveOutput(loss=-scores["total"].mean(), scores={k: v.detach() for k, v in scores.items()})
+
+
+@hookimpl
+def vpo_register_policies(register):
+    register("toy", ToyPolicy, ToyPolicyConfig)
+
+
+@hookimpl
+def vpo_register_rewards(register):
+    register("toy_brightness", ToyReward, ToyRewardConfig)
+
+
+@hookimpl
+def vpo_register_pair_selectors(register):
+    register("toy_best_worst", ToySelector, ToySelectorConfig)
+
+
+@hookimpl
+def vpo_register_objectives(register):
+    register("toy_dpo", ToyDPO, ToyDPOConfig)
+    register("toy_reward_gradient", ToyRewardGradient, ToyRewardGradientConfig)
