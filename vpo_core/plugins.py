@@ -240,9 +240,10 @@ def missing_component_error(pm: PluginManager, kind: Kind, name: str, path: str,
             path, line, exit_code=3)
     known = sorted(pm.components[kind])
     close = difflib.get_close_matches(name, known, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
+    hint = f"; did you mean '{close[0]}'?" if close else "."
     listing = ", ".join(known) if known else "none installed"
-    message = f"unknown {kind} '{name}'.{hint} Known {kind}s: {listing}."
+    plural = {"policy": "policies"}.get(kind, kind + "s")
+    message = f"unknown {kind} '{name}'{hint} Installed {plural}: {listing}."
     if pm.broken:
         # A broken plugin registers nothing, so we cannot know its parts: name it, it is the likely provider.
         broken = "; ".join(f"{p.describe()}: {p.error}" for p in pm.broken)

@@ -26,6 +26,36 @@ from .types import (BuildContext, GradientWindow, ObjectiveOutput, Pair, PairBat
                     Rollout, StepContext)
 
 
+# A complete spec over the toy parts (``{out}`` is the output directory), used by the core's tests.
+TOY_SPEC = """\
+output_dir: {out}
+seed: 3
+policy:
+  type: toy
+rewards:
+  - type: toy_brightness
+selector:
+  type: toy_best_worst
+objective:
+  type: toy_dpo
+  beta: 50
+data:
+  prompts: [a red ball, a blue cube, a green cone, a dark sky]
+  eval_prompts: [a red cube, a blue ball]
+train:
+  steps: 6
+  prompts_per_step: 2
+  candidates_per_prompt: 3
+  learning_rate: 0.003
+checkpoint:
+  every: 2
+eval:
+  videos: 1
+logging:
+  trackers: []
+"""
+
+
 class ToyPolicyConfig(PartConfig):
     frames: int = 4
     size: int = 8

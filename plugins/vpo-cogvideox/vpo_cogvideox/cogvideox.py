@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -138,7 +139,9 @@ class CogVideoXPolicy:
                 target_modules=list(config.lora.target_modules),
                 init_lora_weights=True,  # B = 0: the adapter starts as the identity
             )
-            transformer.add_adapter(self._lora_config)
+            with torch.random.fork_rng(devices=[]):  # LoRA A's random init reproducible from the run seed
+                torch.manual_seed(context.seed)
+                transformer.add_adapter(self._lora_config)
             for parameter in self.trainable_parameters():
                 parameter.data = parameter.data.float()  # optimizer state and updates in float32
         if config.gradient_checkpointing:
@@ -443,7 +446,9 @@ class CogVideoXPolicy:
             self._reference_transformer.load_state_dict(self.transformer.state_dict())
             return
         if not self.has_reference_adapter:
-            self.transformer.add_adapter(copy.deepcopy(self._lora_config), adapter_name=REFERENCE_ADAPTER)
+            with warnings.catch_warnings():  # peft warns about a second adapter: that is the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                self.transformer.add_adapter(copy.deepcopy(self._lora_config), adapter_name=REFERENCE_ADAPTER)
             self.transformer.set_adapter("default")
             for name, parameter in self.transformer.named_parameters():
                 if f".{REFERENCE_ADAPTER}." in name:

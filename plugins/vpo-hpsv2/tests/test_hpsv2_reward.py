@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tokenizers import pre_tokenizers
-from transformers import CLIPTokenizer
+from transformers import BertConfig, CLIPTokenizer
 
 from vpo_core import BuildContext, VpoError
 from vpo_hpsv2.convert import main as convert_main
@@ -93,10 +93,8 @@ def checkpoint(tmp_path_factory, tokenizer_dir):
 
 
 def make_reward(model: str, tokenizer_dir, **overrides):
-    config = HPSv2Config(
-        model=str(model), tokenizer=str(tokenizer_dir), vision_heads=VISION_HEADS, text_heads=TEXT_HEADS,
-        num_frames="all", **overrides,
-    )
+    fields = dict(tokenizer=str(tokenizer_dir), vision_heads=VISION_HEADS, text_heads=TEXT_HEADS, num_frames="all")
+    config = HPSv2Config(model=str(model), **(fields | overrides))
     return build_hpsv2_reward(config, BuildContext(device=torch.device("cpu"), seed=0))
 
 
@@ -236,6 +234,10 @@ def test_wrong_or_missing_checkpoint_gives_clear_error(tmp_path, tokenizer_dir):
     not_torch.write_text("hello")
     with pytest.raises(VpoError, match="could not read HPSv2 checkpoint"):
         make_reward(not_torch, tokenizer_dir)
+    foreign = tmp_path / "bert"
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(foreign)
+    with pytest.raises(VpoError, match="not a CLIPModel"):
+        make_reward(foreign, tokenizer_dir)
 
 
 def test_unknown_weights_are_refused(checkpoint, tokenizer_dir, tmp_path):
@@ -254,3 +256,42 @@ def test_plugin_registers_reward_and_command():
     commands = {}
     plugin.vpo_register_commands(register=lambda name, configure, run, help="": commands.update({name: run}))
     assert list(commands) == ["hpsv2"]
+
+
+def test_vit_h_14_shapes_give_the_published_architecture():
+    """Shapes of the real HPSv2 checkpoint (meta tensors, no memory): default heads and sizes are ViT-H-14's."""
+    from accelerate import init_empty_weights
+    from transformers import CLIPModel
+
+    from vpo_hpsv2.convert import clip_config_from_state_dict, convert_state_dict
+
+    def block(prefix, width):
+        shapes = {"ln_1.weight": (width,), "ln_1.bias": (width,), "attn.in_proj_weight": (3 * width, width),
+                  "attn.in_proj_bias": (3 * width,), "attn.out_proj.weight": (width, width),
+                  "attn.out_proj.bias": (width,), "ln_2.weight": (width,), "ln_2.bias": (width,),
+                  "mlp.c_fc.weight": (4 * width, width), "mlp.c_fc.bias": (4 * width,),
+                  "mlp.c_proj.weight": (width, 4 * width), "mlp.c_proj.bias": (width,)}
+        return {prefix + k: v for k, v in shapes.items()}
+
+    shapes = {
+        "visual.conv1.weight": (1280, 3, 14, 14), "visual.class_embedding": (1280,),
+        "visual.positional_embedding": (257, 1280), "visual.ln_pre.weight": (1280,), "visual.ln_pre.bias": (1280,),
+        "visual.ln_post.weight": (1280,), "visual.ln_post.bias": (1280,), "visual.proj": (1280, 1024),
+        "token_embedding.weight": (49408, 1024), "positional_embedding": (77, 1024), "ln_final.weight": (1024,),
+        "ln_final.bias": (1024,), "text_projection": (1024, 1024), "logit_scale": (),
+    }
+    for i in range(32):
+        shapes |= block(f"visual.transformer.resblocks.{i}.", 1280)
+    for i in range(24):
+        shapes |= block(f"transformer.resblocks.{i}.", 1024)
+    state_dict = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    config = clip_config_from_state_dict(state_dict)
+    vision, text = config.vision_config, config.text_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads) == (1280, 32, 16)
+    assert (vision.patch_size, vision.image_size, vision.intermediate_size, vision.hidden_act) == (14, 224, 5120, "gelu")
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.vocab_size) == (1024, 24, 16, 49408)
+    assert (text.max_position_embeddings, config.projection_dim, text.hidden_act) == (77, 1024, "gelu")
+    with init_empty_weights():
+        expected = CLIPModel(config).state_dict()
+    converted = convert_state_dict(state_dict, config)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in expected.items()}

@@ -85,7 +85,7 @@ def _heads(width: int, override: int | None, known: dict[int, int], tower: str) 
     heads = override or known.get(width) or (width // HEAD_WIDTH if width % HEAD_WIDTH == 0 else None)
     if not heads or width % heads:
         raise CheckpointFormatError(
-            f"cannot infer the {tower} tower's attention head count for width {width}; set {tower}_heads"
+            f"cannot infer the {tower} tower's attention head count for width {width}; set {tower}_heads (config) or --{tower}-heads (convert command)"
         )
     return heads
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+from transformers import AutoConfig, AutoTokenizer, CLIPModel
 
 from vpo_core import BuildContext, PartConfig, VpoError, iter_chunks
 
@@ -87,14 +87,11 @@ def _is_converted_model(model: str) -> bool:
     if _looks_like_path(model):
         return False
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
 
     try:
         hf_hub_download(model, "config.json")
-    except EntryNotFoundError:
+    except Exception:  # no config.json, or offline with only the .pt cached: the checkpoint path reports errors
         return False
-    except Exception as err:  # offline, missing repo, ...: report it by name
-        raise VpoError(f"could not reach HPSv2 hub repo {model}: {err}") from None
     return True
 
 
@@ -102,7 +99,7 @@ def load_hpsv2(config: HPSv2Config) -> tuple[CLIPModel, object]:
     """(CLIPModel, tokenizer) for ``config.model``; converts the original checkpoint in memory."""
     if _is_converted_model(config.model):
         try:
-            clip_config = CLIPConfig.from_pretrained(config.model)
+            clip_config = AutoConfig.from_pretrained(config.model)
         except (OSError, ValueError) as err:
             raise VpoError(f"could not read the config of HPSv2 model {config.model}: {err}") from None
         if clip_config.model_type != "clip":
@@ -111,7 +108,7 @@ def load_hpsv2(config: HPSv2Config) -> tuple[CLIPModel, object]:
                 "checkpoint (xswu/HPSv2) or a directory written by vpo-hpsv2-convert"
             )
         model = CLIPModel.from_pretrained(config.model)
-        tokenizer = _load_tokenizer(config.tokenizer or _own_tokenizer_or_default(config.model))
+        tokenizer = _load_tokenizer(config.tokenizer) if config.tokenizer else _own_or_default_tokenizer(config.model)
     else:
         tokenizer = _load_tokenizer(config.tokenizer or DEFAULT_TOKENIZER)
         state_dict = load_open_clip_state_dict(resolve_checkpoint_file(config.model, config.version))
@@ -126,12 +123,12 @@ def load_hpsv2(config: HPSv2Config) -> tuple[CLIPModel, object]:
     return model.eval().requires_grad_(False), tokenizer
 
 
-def _own_tokenizer_or_default(model: str) -> str:
-    path = Path(model).expanduser()
-    if path.is_dir():
-        has_tokenizer = any((path / name).is_file() for name in ("tokenizer.json", "vocab.json"))
-        return str(path) if has_tokenizer else DEFAULT_TOKENIZER
-    return model  # a hub repo: its tokenizer if present (AutoTokenizer errors name the repo otherwise)
+def _own_or_default_tokenizer(model: str):
+    """The converted model's own tokenizer (vpo-hpsv2-convert saves one), else LAION's ViT-H-14 tokenizer."""
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError):
+        return _load_tokenizer(DEFAULT_TOKENIZER)
 
 
 def _load_tokenizer(name: str):

@@ -76,19 +76,20 @@ def read_json(source: str, filename: str, revision: str | None = None, required:
             return None
         return json.loads(file.read_text())
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         return json.loads(Path(hf_hub_download(source, filename, revision=revision)).read_text())
-    except EntryNotFoundError:
-        if required:
-            raise CheckpointError(f"hub repo {source}: no {filename}; expected a transformers checkpoint.")
-        return None
-    except Exception as err:  # not found, gated, offline: all need the same fix from the user
+    except Exception as err:  # not found, gated, offline without a cached copy
+        absent = isinstance(err, EntryNotFoundError) and not isinstance(err, LocalEntryNotFoundError)
+        if absent and not required:
+            return None
+        if absent:
+            raise CheckpointError(f"hub repo {source}: no {filename}; expected a transformers checkpoint.") from None
         raise CheckpointError(
             f"cannot fetch {filename} of VideoScore checkpoint {source!r} (revision {revision or 'main'}): "
-            f"{type(err).__name__}: {err}. Check the hub id and network access (HF_HUB_OFFLINE), or pass a "
-            "local directory."
+            f"{type(err).__name__}: {str(err).rstrip('.')}. Check the hub id and network access "
+            "(HF_HUB_OFFLINE), or pass a local directory."
         ) from None
 
 

@@ -140,7 +140,11 @@ class Idefics2Scorer(nn.Module):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         mean = torch.tensor(s.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
         std = torch.tensor(s.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        return ((x - mean) / std).reshape(b, t, c, *size)
+        x = (x - mean) / std
+        # transformers drops images whose values are all exactly 0 as batch padding; keep a uniform mid-gray
+        # frame (0.5 everywhere) by nudging it off zero (1e-6, far below any visible change).
+        x = x + 1e-6 * (x.flatten(1).abs().amax(1) == 0).to(x.dtype).view(-1, 1, 1, 1)
+        return x.reshape(b, t, c, *size)
 
     def text_inputs(self, prompts: list[str], num_frames: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         texts = [expand_image_tokens(build_prompt(p, num_frames), self.image_seq_len) for p in prompts]

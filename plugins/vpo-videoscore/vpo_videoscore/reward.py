@@ -40,6 +40,11 @@ class VideoScoreConfig(PartConfig):
     min_pixels: int | None = Field(default=None, ge=1)
     max_pixels: int | None = Field(default=None, ge=1)
 
+    @field_validator("dimensions", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, value):
+        return [value] if isinstance(value, str) and value != "all" else value
+
     @field_validator("dimensions")
     @classmethod
     def _known_dimensions(cls, value):
@@ -114,8 +119,8 @@ class VideoScoreReward:
         self.variant = detect_variant(config.model, config.revision, config.variant)
         self.num_frames = config.num_frames or default_num_frames(config.model, self.variant)
         extra = {"min_pixels": config.min_pixels, "max_pixels": config.max_pixels} if self.variant == "qwen2vl" else {}
+        extra["device_map"] = str(self.device)  # load straight onto the device, no CPU copy of 8B weights
         self.scorer = SCORERS[self.variant].from_pretrained(config.model, config.revision, DTYPES[dtype], **extra)
-        self.scorer.to(self.device)
         num_labels = self.scorer.model.config.num_labels
         if num_labels != len(DIMENSIONS):
             raise CheckpointError(

@@ -1,0 +1,93 @@
+"""A plugin package made outside the repo, installed with pip, is usable from a spec without touching vpo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from vpo_core.testing import TOY_SPEC
+
+PYPROJECT = """
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+[project]
+name = "vpo-contrast-reward"
+version = "0.3.0"
+dependencies = []
+[project.entry-points.vpo]
+contrast = "vpo_contrast_reward"
+[tool.setuptools]
+py-modules = ["vpo_contrast_reward"]
+"""
+
+MODULE = """
+from vpo_core import PartConfig, hookimpl
+
+class ContrastConfig(PartConfig):
+    scale: float = 1.0
+
+class Contrast:
+    dimensions = ("contrast",)
+    differentiable = True
+    def __init__(self, config, context):
+        self.scale = config.scale
+    def score(self, frames, prompts):
+        return {"contrast": self.scale * frames.std(dim=(1, 2, 3, 4))}
+
+@hookimpl
+def vpo_register_rewards(register):
+    register("contrast", Contrast, ContrastConfig)
+"""
+
+
+def test_pip_installed_reward_plugin_runs(tmp_path):
+    src = tmp_path / "vpo-contrast-reward"
+    src.mkdir()
+    (src / "pyproject.toml").write_text(PYPROJECT)
+    (src / "vpo_contrast_reward.py").write_text(MODULE)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(src)], check=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]),
+               VPO_EXTRA_PLUGINS="vpo_core.testing", OMP_NUM_THREADS="1")
+    env.pop("VPO_LOAD_PLUGINS", None)
+    listing = subprocess.run([sys.executable, "-m", "vpo_core.cli", "plugins"], env=env, capture_output=True,
+                             text=True)
+    assert "vpo-contrast-reward 0.3.0" in listing.stdout and "reward: contrast" in listing.stdout
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(TOY_SPEC.format(out=tmp_path / "out").replace(
+        "  - type: toy_brightness", "  - type: contrast\n    scale: 2.0").replace("steps: 6", "steps: 2"))
+    done = subprocess.run([sys.executable, "-m", "vpo_core.cli", "run", str(spec), "--no-progress"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert '"reward/contrast.contrast"' in (tmp_path / "out" / "metrics.jsonl").read_text()
+
+
+def test_broken_plugin_does_not_stop_others_but_its_spec_exits_3(tmp_path):
+    src = tmp_path / "vpo-broken"
+    src.mkdir()
+    (src / "pyproject.toml").write_text(PYPROJECT.replace("vpo-contrast-reward", "vpo-broken"))
+    (src / "vpo_contrast_reward.py").write_text("raise ImportError('missing native library libfoo.so')\n")
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(src)], check=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]),
+               VPO_EXTRA_PLUGINS="vpo_core.testing", OMP_NUM_THREADS="1")
+    env.pop("VPO_LOAD_PLUGINS", None)
+    listing = subprocess.run([sys.executable, "-m", "vpo_core.cli", "plugins"], env=env, capture_output=True,
+                             text=True)
+    assert listing.returncode == 0
+    assert "BROKEN" in listing.stdout and "libfoo.so" in listing.stdout and "vpo-broken 0.3.0" in listing.stdout
+    ok_spec = tmp_path / "ok.yaml"
+    ok_spec.write_text(TOY_SPEC.format(out=tmp_path / "ok").replace("steps: 6", "steps: 1"))
+    assert subprocess.run([sys.executable, "-m", "vpo_core.cli", "run", str(ok_spec), "--no-progress"],
+                          env=env, capture_output=True).returncode == 0
+    bad_spec = tmp_path / "bad.yaml"
+    bad_spec.write_text(TOY_SPEC.format(out=tmp_path / "bad").replace("  - type: toy_brightness", "  - type: contrast"))
+    run = subprocess.run([sys.executable, "-m", "vpo_core.cli", "run", str(bad_spec)], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 3
+    assert "vpo-broken" in run.stderr and "libfoo.so" in run.stderr and "Traceback" not in run.stderr

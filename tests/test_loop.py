@@ -1,0 +1,218 @@
+"""The training loop: three modes, output directory, non-finite handling, resume after SIGKILL/SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vpo_core import PartConfig, hookimpl
+from vpo_core.cli import main
+from vpo_core.loop import Trainer
+from vpo_core.spec import load_spec
+
+
+def run_spec(spec: Path, pm, *overrides: str, resume: bool = False):
+    resolved = load_spec(spec, pm, list(overrides))
+    return Trainer(resolved, resume=resume, progress=False).run()
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_online_pairs_writes_the_output_contract(toy_spec, toy_pm):
+    result = run_spec(toy_spec, toy_pm)
+    out = result.output_dir
+    assert result.steps_done == 6 and result.exit_code == 0
+    rows = metrics(out)
+    assert [r["step"] for r in rows if not r.get("final")] == list(range(7))
+    trained = [r for r in rows if r["step"] > 0 and not r.get("final")]
+    assert all(r["pairs"] == 2 and "objective/implicit_accuracy" in r and "loss" in r for r in trained)
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000004", "step-000006"]  # keep_last 2
+    assert (out / "final" / "toy.safetensors").exists() and (out / "final" / "spec.yaml").exists()
+    assert (out / "samples" / "step-000000" / "prompt-00.gif").exists()
+    assert (out / "samples" / "step-000006" / "prompt-00.gif").exists()
+    assert (out / "samples" / "before_after" / "prompt-00.gif").exists()
+    report = (out / "report.html").read_text()
+    assert "plots/reward.png" in report and "plots/eval_before_after.png" in report
+    assert (out / "plots" / "loss.png").stat().st_size > 1000
+    # the resolved spec has every default filled in and is itself a valid spec
+    import yaml
+    resolved = yaml.safe_load((out / "final" / "spec.yaml").read_text())
+    assert resolved["objective"]["beta"] == 50 and resolved["train"]["max_grad_norm"] == 1.0
+
+
+def test_training_changes_weights_and_reference_update(toy_spec, toy_pm):
+    result = run_spec(toy_spec, toy_pm, "objective.reference_update_every=3")
+    final = load_file(str(result.output_dir / "checkpoints" / "step-000006" / "policy.safetensors"))
+    net = {k: v for k, v in final.items() if k.startswith("net.")}
+    ref = {k: v for k, v in final.items() if k.startswith("reference.")}
+    assert all(torch.equal(net[k], ref["reference." + k[4:]]) for k in net)  # updated at step 6
+    step4 = load_file(str(result.output_dir / "checkpoints" / "step-000004" / "policy.safetensors"))
+    assert not torch.equal(step4["reference.out.weight"], step4["net.out.weight"])  # step 4: not yet
+    assert not torch.equal(step4["reference.out.weight"], final["reference.out.weight"])
+
+
+def test_rollout_mode(toy_spec, toy_pm):
+    result = run_spec(toy_spec, toy_pm, "objective={type: toy_reward_gradient, last_steps: 2}",
+                      "train.learning_rate=0.05", "train.steps=4")
+    rows = [r for r in metrics(result.output_dir) if r["step"] > 0 and not r.get("final")]
+    assert all(r["skipped"] == 0 and "reward/total" in r for r in rows)
+    assert rows[-1]["reward/total"] > rows[0]["reward/total"]  # maximising brightness works
+
+
+def test_offline_pairs_build_then_train(toy_spec, toy_pm, tmp_path):
+    from vpo_core.data import PairDataset
+    from vpo_core.offline import build_pair_dataset
+
+    resolved = load_spec(toy_spec, toy_pm)
+    pairs_dir = build_pair_dataset(resolved, tmp_path / "pairs", progress=False)
+    data = PairDataset(pairs_dir)
+    assert len(data) == 4  # one pair per prompt
+    # resumable: a removed group is rebuilt identically, the others are kept
+    group = pairs_dir / "groups" / "000002.json"
+    before = group.read_text()
+    group.unlink()
+    build_pair_dataset(resolved, pairs_dir, progress=False)
+    assert group.read_text() == before
+    result = run_spec(toy_spec, toy_pm, f"data.pairs={pairs_dir}", "train.pairs_per_step=2")
+    rows = [r for r in metrics(result.output_dir) if r["step"] > 0 and not r.get("final")]
+    assert all(r["objective/pairs"] == 2 and r["skipped"] == 0 for r in rows)
+
+
+class NaNRewardConfig(PartConfig):
+    nan_steps: list[int] = []
+
+
+class NaNReward:
+    """Returns NaN for the calls listed in nan_steps (counted per training-time call)."""
+    dimensions = ("v",)
+    differentiable = True
+
+    def __init__(self, config, context):
+        self.config, self.calls = config, 0
+
+    def score(self, frames, prompts):
+        self.calls += 1
+        value = frames.mean(dim=(1, 2, 3, 4))
+        return {"v": value * float("nan") if self.calls in self.config.nan_steps else value}
+
+
+class NaNPlugin:
+    @hookimpl
+    def vpo_register_rewards(self, register):
+        register("nan_reward", NaNReward, NaNRewardConfig)
+
+
+def test_nonfinite_reward_skips_the_step(toy_spec, toy_pm):
+    toy_pm.register_plugin(NaNPlugin(), "nan")
+    # call 1 is the step-0 evaluation; calls 3 and 4 are training steps 2 and 3
+    result = run_spec(toy_spec, toy_pm, "rewards=[{type: nan_reward, nan_steps: [3, 4]}]", "checkpoint.every=1",
+                      "checkpoint.keep_last=10")
+    rows = {r["step"]: r for r in metrics(result.output_dir) if not r.get("final")}
+    assert rows[2]["skipped"] == 1 and rows[3]["skipped"] == 1 and rows[4]["skipped"] == 0
+    assert rows[3]["skipped_nonfinite"] == 2
+    ck = result.output_dir / "checkpoints"
+    w1, w3 = (load_file(str(ck / f"step-00000{i}" / "policy.safetensors")) for i in (1, 3))
+    assert all(torch.equal(w1[k], w3[k]) for k in w1)  # weights untouched by skipped steps
+
+
+def test_too_many_nonfinite_stops_with_checkpoint(toy_spec, toy_pm):
+    toy_pm.register_plugin(NaNPlugin(), "nan")
+    from vpo_core.errors import RunError
+
+    with pytest.raises(RunError, match="non-finite"):
+        run_spec(toy_spec, toy_pm, "rewards=[{type: nan_reward, nan_steps: [2, 3, 4, 5, 6, 7]}]",
+                 "safety.max_consecutive_nonfinite=3")
+    assert (toy_spec.parent / "out" / "checkpoints" / "step-000003").is_dir()
+
+
+def test_existing_output_needs_resume(toy_spec, toy_env, capsys):
+    assert main(["run", str(toy_spec), "--no-progress", "--set", "train.steps=2"]) == 0
+    out = toy_spec.parent / "out"
+    before = (out / "metrics.jsonl").read_text()
+    assert main(["run", str(toy_spec), "--no-progress", "--set", "train.steps=2"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == before  # nothing lost
+
+
+def _spawn(spec: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, VPO_EXTRA_PLUGINS="vpo_core.testing", VPO_LOAD_PLUGINS="none", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "vpo_core.cli", "run", str(spec), "--no-progress", *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out / "checkpoints" / f"step-{step:06d}").is_dir():
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("run did not reach the step in time")
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "toy.safetensors"))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, seed):
+    from vpo_core.testing import TOY_SPEC
+
+    steps = 12
+    specs = {}
+    for name in ("full", "killed"):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(TOY_SPEC.format(out=tmp_path / name).replace("steps: 6", f"steps: {steps}")
+                        .replace("every: 2", "every: 1"))
+        specs[name] = path
+    full = _spawn(specs["full"])
+    assert full.wait(timeout=300) == 0, full.communicate()
+    kill_after = random.Random(seed).randint(2, steps - 2)
+    proc = _spawn(specs["killed"])
+    _wait_for_step(tmp_path / "killed", kill_after, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "final").exists()
+    resumed = _spawn(specs["killed"], "--resume")
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert "resumed from" in stderr
+    a, b = _final_weights(tmp_path / "full"), _final_weights(tmp_path / "killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps_logged = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged[:-1] == list(range(steps + 1))  # no duplicated or missing step after resume (+ final)
+
+
+def test_sigterm_finishes_step_saves_and_resumes(tmp_path):
+    from vpo_core.testing import TOY_SPEC
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(TOY_SPEC.format(out=tmp_path / "out").replace("steps: 6", "steps: 400")
+                    .replace("every: 2", "every: 1000"))
+    proc = _spawn(path)
+    deadline = time.time() + 120
+    while not (tmp_path / "out" / "metrics.jsonl").exists() or len(
+            (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr
+    saved = sorted((tmp_path / "out" / "checkpoints").iterdir())
+    assert len(saved) == 1
+    step = int(saved[0].name[5:])
+    last_logged = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert last_logged == step  # the step in flight was finished and saved
