@@ -288,8 +288,9 @@ def test_vit_h_14_shapes_give_the_published_architecture():
     config = clip_config_from_state_dict(state_dict)
     vision, text = config.vision_config, config.text_config
     assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads) == (1280, 32, 16)
-    assert (vision.patch_size, vision.image_size, vision.intermediate_size, vision.hidden_act) == (14, 224, 5120, "gelu")
-    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.vocab_size) == (1024, 24, 16, 49408)
+    assert (vision.patch_size, vision.image_size, vision.intermediate_size) == (14, 224, 5120)
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (1024, 24, 16)
+    assert (text.vocab_size, vision.hidden_act) == (49408, "gelu")
     assert (text.max_position_embeddings, config.projection_dim, text.hidden_act) == (77, 1024, "gelu")
     with init_empty_weights():
         expected = CLIPModel(config).state_dict()

@@ -5,8 +5,8 @@ are an open_clip ViT-H-14 ``state_dict``. open_clip and transformers' CLIP are t
 parameter names, except that open_clip keeps the attention's q/k/v in one ``in_proj`` matrix and stores the
 two output projections as ``[width, embed_dim]`` matrices applied as ``x @ proj`` (transformers: Linear).
 
-Also the ``vpo-hpsv2-convert CHECKPOINT OUT_DIR`` console script, which writes a converted directory that
-``CLIPModel.from_pretrained`` (and this plugin) reads directly.
+Also the ``vpo hpsv2 convert CHECKPOINT OUT_DIR`` command (and the same as the ``vpo-hpsv2-convert`` console
+script), which writes a converted directory that ``CLIPModel.from_pretrained`` (and this plugin) reads directly.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def _heads(width: int, override: int | None, known: dict[int, int], tower: str) 
     heads = override or known.get(width) or (width // HEAD_WIDTH if width % HEAD_WIDTH == 0 else None)
     if not heads or width % heads:
         raise CheckpointFormatError(
-            f"cannot infer the {tower} tower's attention head count for width {width}; set {tower}_heads (config) or --{tower}-heads (convert command)"
+            f"cannot infer the {tower} tower's attention head count for width {width}; "
+            f"set {tower}_heads (config) or --{tower}-heads (convert command)"
         )
     return heads
 
@@ -199,7 +200,9 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: CLIPConfig) 
     out |= _rename_blocks(
         sd, "visual.transformer.resblocks.", "vision_model.encoder.layers.", config.vision_config.num_hidden_layers
     )
-    out |= _rename_blocks(sd, "transformer.resblocks.", "text_model.encoder.layers.", config.text_config.num_hidden_layers)
+    out |= _rename_blocks(
+        sd, "transformer.resblocks.", "text_model.encoder.layers.", config.text_config.num_hidden_layers
+    )
     unknown = sorted(set(state_dict) - sd.used - IGNORED_KEYS)
     if unknown:
         raise CheckpointFormatError(
