@@ -216,3 +216,12 @@ def test_sigterm_finishes_step_saves_and_resumes(tmp_path):
     step = int(saved[0].name[5:])
     last_logged = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     assert last_logged == step  # the step in flight was finished and saved
+
+
+def test_bf16_gradient_accumulation_and_schedule(toy_spec, toy_pm):
+    result = run_spec(toy_spec, toy_pm, "train.mixed_precision=bf16", "train.gradient_accumulation_steps=2",
+                      "train.lr_scheduler=linear", "train.warmup_steps=2", "train.steps=4")
+    rows = [r for r in metrics(result.output_dir) if r["step"] > 0 and not r.get("final")]
+    assert all(r["skipped"] == 0 and r["pairs"] == 4 for r in rows)  # 2 micro-steps x 2 prompts
+    lrs = [r["lr"] for r in rows]
+    assert lrs[0] < lrs[1] and lrs[-1] < lrs[1]  # warm-up, then linear decay

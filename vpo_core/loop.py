@@ -243,7 +243,7 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step (all its micro-steps). Non-finite rewards/losses/gradients skip the update."""
         t = self.spec.train
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = {"lr": self.scheduler.get_last_lr()[0]}  # the rate this step uses
         torch.manual_seed(derive_seed(self.spec.seed, "torch", step))  # dropout etc. independent of history
         self.optimizer.zero_grad(set_to_none=True)
         status = "ok"
@@ -296,7 +296,6 @@ class Trainer:
             metrics.update({f"objective/{k}": v for k, v in
                             (_call_opt(self.objective, "after_optimizer_step", step, self.policy) or {}).items()})
         self.optimizer.zero_grad(set_to_none=True)
-        metrics["lr"] = self.scheduler.get_last_lr()[0]
         metrics["status"] = status
         return metrics
 
