@@ -241,7 +241,8 @@ def test_reference_is_base_then_follows_update_reference(tiny_2b):
     assert policy.has_reference_adapter
     with policy.use_reference():
         torch.testing.assert_close(fixed_loss(policy, latents, prompts), trained)
-    assert len(policy.trainable_parameters()) == len([n for n, _ in policy.transformer.named_parameters() if ".default." in n])
+    default_adapter = [name for name, _ in policy.transformer.named_parameters() if ".default." in name]
+    assert len(policy.trainable_parameters()) == len(default_adapter)
 
     train_step(2)
     later = fixed_loss(policy, latents, prompts)

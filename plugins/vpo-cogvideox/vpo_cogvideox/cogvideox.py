@@ -127,7 +127,7 @@ class CogVideoXPolicy:
             # Trainable weights stay in float32 (the loop's autocast handles mixed precision).
             transformer.to(torch.float32).requires_grad_(True)
             # The reference must be the *base*, so it is copied before any update: one more transformer
-            # in memory (2B: ~6.6 GB in float32; 5B: ~21 GB).
+            # in memory (2B: ~6.8 GB in float32; 5B: ~22 GB).
             self._reference_transformer = copy.deepcopy(transformer).requires_grad_(False).eval()
         else:
             from peft import LoraConfig
