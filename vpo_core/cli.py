@@ -129,6 +129,13 @@ def cmd_build_pairs(args, pm) -> int:
     return EXIT_OK
 
 
+def _plugin_command(cmd):
+    def run(args, pm) -> int:
+        args.plugin_manager = pm  # commands that load specs reuse the already loaded plugins
+        return cmd.run(args)
+    return run
+
+
 def build_parser(pm) -> argparse.ArgumentParser:
     parser = _Parser(prog="vpo", description="Align text-to-video models with video preference feedback.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -160,7 +167,7 @@ def build_parser(pm) -> argparse.ArgumentParser:
             continue
         p = sub.add_parser(cmd.name, help=cmd.help or f"from plugin {cmd.plugin}")
         cmd.configure(p)
-        p.set_defaults(func=lambda a, _pm, _cmd=cmd: _cmd.run(a))
+        p.set_defaults(func=_plugin_command(cmd))
     return parser
 
 

@@ -126,6 +126,7 @@ class Trainer:
         if spec.train.mixed_precision == "fp16" and cpu_only:
             raise SpecError("mixed_precision fp16 needs a GPU; use 'bf16' or 'no' on CPU", "train.mixed_precision")
         self.trackers = trackers
+        _reset_single_process_accelerate_state()
         self.accelerator = Accelerator(mixed_precision=spec.train.mixed_precision, log_with=trackers or None,
                                        project_dir=str(self.output_dir))
         set_seed(spec.seed)
@@ -164,6 +165,7 @@ class Trainer:
         elif self.requires == "pairs" and self.selector is None:
             raise SpecError("online pairs need a `selector:` section", "selector")
 
+        self.policy.train(True)  # sampling switches to eval mode and back; losses run in train mode
         self.params = [p for p in self.policy.trainable_parameters() if p.requires_grad]
         if not self.params:
             raise SpecError("the policy has no trainable parameters; check its LoRA / fine-tuning settings", "policy")
@@ -475,6 +477,15 @@ def _build_part(part, ctx: BuildContext) -> Any:
     except Exception as exc:  # a plugin failed to build its part: name it
         raise RunError(f"{part.kind} '{part.component.name}' (plugin '{part.component.plugin}') failed to "
                        f"build: {type(exc).__name__}: {exc}") from exc
+
+
+def _reset_single_process_accelerate_state() -> None:
+    """accelerate keeps a process-wide singleton; a second run in one process (tests, benchmarks) may ask for
+    another mixed precision. Multi-process launches keep their state untouched."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if PartialState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _call_opt(obj: Any, name: str, *args: Any) -> Any:

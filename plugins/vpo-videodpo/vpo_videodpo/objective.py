@@ -1,0 +1,102 @@
+"""Objective ``videodpo_dpo``: Diffusion-DPO on stored pairs against a fixed reference (VideoDPO).
+
+The loss is ``vpo_core.dpo_pair_loss`` with per-pair weights (VideoDPO's re-weighting). The reference is the
+base model and is never updated. ``shared_noise`` (default true, as in Diffusion-DPO) uses one timestep and
+one noise draw for the winner and the loser of a pair; VideoDPO's released code draws them independently
+(VideoDPO issue #11), which ``shared_noise: false`` reproduces.
+
+Pair data (``data.pairs``, ``data.pairs_format``):
+* ``vpo``: a dataset built by ``vpo videodpo build-pairs`` (or ``vpo build-pairs``); with ``alpha`` set, the
+  stored weights are recomputed from the stored OmniScores.
+* ``videodpo``: the layout VideoDPO released (``vpo_videodpo.videodpo_data``), clips encoded with the
+  policy's VAE and cached.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar, Optional
+
+from pydantic import Field
+from vpo_core import BuildContext, ObjectiveOutput, PairBatch, PartConfig, SpecError, StepContext, dpo_pair_loss
+
+from .selector import pair_weight
+from .videodpo_data import VideoDPOPairDataset
+
+PAIR_FORMATS = ("vpo", "videodpo")
+
+
+class VideoDPOConfig(PartConfig):
+    """Spec section of ``objective: {type: videodpo_dpo}``."""
+
+    requires: ClassVar[str] = "pairs"
+
+    beta: float = Field(5000.0, gt=0)
+    # Same timestep and noise for winner and loser (Diffusion-DPO); false: independent (VideoDPO's code).
+    shared_noise: bool = True
+    # Re-weight pairs as (weight_reference / (s_w * s_l)) ** alpha from stored OmniScores ("vpo") or
+    # pair.json "score" ("videodpo"). null: keep the weights stored by the build ("vpo"), 1 ("videodpo").
+    alpha: Optional[float] = None
+    weight_reference: float = Field(0.72, gt=0)
+    # pairs_format "videodpo": clip decoding. null frames/height/width: the policy's own.
+    clip_frames: Optional[int] = Field(None, ge=1)
+    clip_stride: int = Field(4, ge=1)
+    clip_height: Optional[int] = Field(None, ge=1)
+    clip_width: Optional[int] = Field(None, ge=1)
+    # Where encoded latents are cached; null: DATA_DIR/.vpo-latents.
+    cache_dir: Optional[str] = None
+    # Drop pairs with a clip shorter than this (seconds, metadata's clip_duration).
+    min_clip_duration: float = Field(0.0, ge=0)
+
+
+class VideoDPOObjective:
+    requires = "pairs"
+
+    def __init__(self, config: VideoDPOConfig, context: BuildContext | None = None) -> None:
+        self.config = config
+
+    def loss(self, policy, batch: PairBatch, ctx: StepContext) -> ObjectiveOutput:
+        return dpo_pair_loss(policy, batch, ctx.generator, self.config.beta, self.config.shared_noise)
+
+    def after_optimizer_step(self, step: int, policy) -> dict[str, float]:
+        return {}  # fixed reference: VideoDPO never updates it
+
+    def open_pair_dataset(self, path: str, format: str, policy):
+        c = self.config
+        if format == "vpo":
+            return open_vpo_pairs(path, c.alpha, c.weight_reference)
+        if format == "videodpo":
+            return VideoDPOPairDataset(path, policy, frames=c.clip_frames, stride=c.clip_stride,
+                                       height=c.clip_height, width=c.clip_width, cache_dir=c.cache_dir,
+                                       alpha=c.alpha, weight_reference=c.weight_reference,
+                                       min_clip_duration=c.min_clip_duration)
+        raise SpecError(f"objective videodpo_dpo reads pairs_format {' or '.join(PAIR_FORMATS)}, not '{format}'",
+                        "data.pairs_format")
+
+
+def open_vpo_pairs(path: str | Path, alpha: float | None = None, weight_reference: float = 0.72):
+    """``vpo_core.data.PairDataset``, refused if an OmniScore build was not finalised; re-weighted if asked."""
+    from vpo_core.data import PairDataset
+
+    directory = Path(path)
+    meta_path = directory / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("selector") == "omniscore" and not meta.get("videodpo", {}).get("finalised"):
+        raise SpecError(f"pair dataset '{directory}' was built with the omniscore selector but its dataset-level "
+                        f"gap filter was not applied (an interrupted or plain `vpo build-pairs` build): run "
+                        f"`vpo videodpo build-pairs SPEC --out {directory}` to finish it", "data.pairs")
+    data = PairDataset(directory)
+    if alpha is not None:
+        omni = {}
+        for record in data.records:
+            if record.group not in omni:
+                info = json.loads((directory / "groups" / f"{record.group:06d}.json").read_text())
+                if "omniscore" not in info:
+                    raise SpecError(f"objective.alpha re-weights pairs by their OmniScores, but '{directory}' "
+                                    f"stores none (build it with `vpo videodpo build-pairs`), or set alpha: null",
+                                    "objective.alpha")
+                omni[record.group] = info["omniscore"]
+            scores = omni[record.group]
+            record.weight = pair_weight(scores[record.winner], scores[record.loser], alpha, weight_reference)
+    return data

@@ -1,0 +1,100 @@
+"""Pair selector ``omniscore``: VideoDPO's pair construction on OmniScores.
+
+Per prompt the best and the worst of its N candidates make a pair (margin = OmniScore gap). Filters, in
+order: equal scores never pair (gap must exceed ``min_gap``); optional ``require_mean_split`` keeps a pair
+only when winner > mean > loser, the mean taken over *all* scored videos (VideoDPO's filter_out_avg uses
+the dataset-wide average OmniScore); then ``keep_top_fraction`` keeps the pairs with the largest gaps
+(VideoDPO drops the 25 % with the smallest gaps: ``int(n * (1 - keep))`` pairs are dropped).
+
+Scope of the gap filter: ``select`` only sees the prompts of one call (one training step online, one prompt
+per call in ``vpo build-pairs``). For an offline dataset the filter must rank the whole dataset, which
+``vpo videodpo build-pairs`` does in its finalise pass (``vpo_videodpo.build.finalise_pair_dataset``) with
+this same function.
+
+Re-weighting as in VideoDPO's released code: pair score = OmniScore(winner) * OmniScore(loser),
+weight = (weight_reference / pair score) ** alpha, alpha = 0 -> weight 1. (The paper's Eq. 3 describes a
+frequency-probability weighting; the released code does this instead.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from pydantic import Field
+from vpo_core import BuildContext, Pair
+
+from .omniscore import OmniScore, OmniScoreConfig
+
+# A product of OmniScores at or below 0 (scores outside the normalisation range) would make the weight
+# infinite or complex; it is clamped here.
+MIN_PAIR_SCORE = 1e-6
+
+
+def pair_weight(score_winner: float, score_loser: float, alpha: float, reference: float = 0.72) -> float:
+    """VideoDPO's released re-weighting: ``(reference / (s_w * s_l)) ** alpha``; 1 when alpha is 0."""
+    if alpha == 0:
+        return 1.0
+    return (reference / max(score_winner * score_loser, MIN_PAIR_SCORE)) ** alpha
+
+
+def dropped_count(n: int, keep_top_fraction: float) -> int:
+    """How many of ``n`` pairs the gap filter drops (VideoDPO: int(n * filter_ratio))."""
+    return int(math.floor(n * (1.0 - keep_top_fraction) + 1e-9))
+
+
+def select_pairs(omni: torch.Tensor | Sequence[torch.Tensor], keep_top_fraction: float = 0.75,
+                 require_mean_split: bool = False, min_gap: float = 0.0, alpha: float = 0.0,
+                 weight_reference: float = 0.72) -> list[Pair]:
+    """Best-vs-worst pairs from OmniScores: ``omni[p]`` holds prompt p's candidates (rows may differ in length).
+
+    Ties: the first best and first worst candidate are taken; a prompt whose gap is <= ``min_gap`` (all equal
+    when min_gap is 0) gives no pair. Pairs with equal gaps are dropped in prompt order. The mean of the mean
+    split is over every video of every row given (one call of the selector, or the whole dataset).
+    """
+    rows = [torch.as_tensor(row).detach().double().reshape(-1) for row in omni]
+    rows = [row if torch.isfinite(row).all() else row[:0] for row in rows]  # non-finite rows make no pair
+    values = torch.cat(rows) if rows else torch.zeros(0)
+    mean = float(values.mean()) if values.numel() else 0.0
+    candidates = []  # (gap, prompt, winner, loser, s_w, s_l)
+    for p, row in enumerate(rows):
+        if row.numel() < 2:
+            continue
+        winner, loser = int(row.argmax()), int(row.argmin())
+        s_w, s_l = float(row[winner]), float(row[loser])
+        gap = s_w - s_l
+        if gap <= min_gap:
+            continue
+        if require_mean_split and not (s_w > mean > s_l):
+            continue
+        candidates.append((gap, p, winner, loser, s_w, s_l))
+    drop = dropped_count(len(candidates), keep_top_fraction)
+    dropped = {c[1] for c in sorted(candidates, key=lambda c: (c[0], c[1]))[:drop]}
+    return [Pair(p, w, l, pair_weight(s_w, s_l, alpha, weight_reference), gap)
+            for gap, p, w, l, s_w, s_l in candidates if p not in dropped]
+
+
+class OmniScoreSelectorConfig(OmniScoreConfig):
+    """Spec section of ``selector: {type: omniscore}`` (OmniScore keys plus the pair filters)."""
+
+    # Keep this fraction of pairs, those with the largest OmniScore gaps (VideoDPO: 0.75).
+    keep_top_fraction: float = Field(0.75, gt=0, le=1)
+    # Keep a pair only if winner > mean OmniScore (over all videos of the call / dataset) > loser.
+    require_mean_split: bool = False
+    # A pair needs gap > min_gap (0: only exact ties are dropped).
+    min_gap: float = Field(0.0, ge=0)
+    # Re-weighting exponent (0: every weight 1) and its reference pair score.
+    alpha: float = 0.0
+    weight_reference: float = Field(0.72, gt=0)
+
+
+class OmniScoreSelector:
+    def __init__(self, config: OmniScoreSelectorConfig, context: BuildContext | None = None) -> None:
+        self.config = config
+        self.omniscore = OmniScore(config)
+
+    def select(self, scores: dict[str, torch.Tensor]) -> list[Pair]:
+        c = self.config
+        return select_pairs(self.omniscore(scores), c.keep_top_fraction, c.require_mean_split, c.min_gap,
+                            c.alpha, c.weight_reference)
