@@ -76,8 +76,7 @@ def finalise_pair_dataset(directory: str | Path, config: OmniScoreSelectorConfig
 
 def build_videodpo_pairs(resolved, out: str | Path, progress: bool = True) -> dict:
     """Sample + score the missing groups (if any), then finalise. ``resolved``: a ``vpo_core.spec.ResolvedSpec``."""
-    from vpo_core.data import read_prompts
-    from vpo_core.offline import build_pair_dataset
+    from vpo_core import build_pair_dataset, read_prompts
 
     selector = resolved.selector
     if selector is None or not isinstance(selector.config, OmniScoreSelectorConfig):
@@ -109,13 +108,12 @@ def configure_cli(parser) -> None:
 
 
 def run_cli(args) -> int:
-    from vpo_core.plugins import PluginManager
-    from vpo_core.spec import load_spec
+    from vpo_core import PluginManager, load_spec
 
     if getattr(args, "videodpo_command", None) != "build-pairs":
         print("usage: vpo videodpo build-pairs SPEC --out DIR [--set KEY=VALUE ...]", file=sys.stderr)
         return 2
-    resolved = load_spec(args.spec, PluginManager(), args.overrides)
+    resolved = load_spec(args.spec, getattr(args, "plugin_manager", None) or PluginManager(), args.overrides)
     summary = build_videodpo_pairs(resolved, Path(args.out), progress=not args.no_progress)
     print(f"vpo: {summary['pairs']} pairs from {summary['groups']} prompts written to {args.out} "
           f"(train with data.pairs: {args.out})")

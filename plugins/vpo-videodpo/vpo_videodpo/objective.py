@@ -77,7 +77,7 @@ class VideoDPOObjective:
 
 def open_vpo_pairs(path: str | Path, alpha: float | None = None, weight_reference: float = 0.72):
     """``vpo_core.data.PairDataset``, refused if an OmniScore build was not finalised; re-weighted if asked."""
-    from vpo_core.data import PairDataset
+    from vpo_core import PairDataset
 
     directory = Path(path)
     meta_path = directory / "meta.json"

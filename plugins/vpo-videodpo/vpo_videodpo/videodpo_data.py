@@ -228,7 +228,7 @@ class VideoDPOPairDataset:
 
 def read_clip(path: Path, frames: int, stride: int) -> torch.Tensor:
     """``frames`` frames every ``stride`` from the start; stride 1 if the clip is too short for the stride."""
-    from vpo_core.video import read_video
+    from vpo_core import read_video
 
     video = read_video(path, num_frames=frames, stride=stride)
     if video.shape[0] < frames and stride > 1:
