@@ -1,0 +1,208 @@
+"""Peak memory of one OnlineVPO training step vs one VADER step on the same CogVideoX configuration.
+
+Measured, each in a fresh child process (so one measurement cannot reuse another's memory):
+
+* OnlineVPO step: sample N candidates for P prompts under ``no_grad`` (CFG, decoded), score them, select
+  best vs worst (``best_worst``), Diffusion-DPO loss (``dpo``: policy forward with grad + reference forward)
+  and backward -- at two video sizes, and at 10 vs 50 sampling steps.
+* VADER step: one rollout with a gradient window (``reward_gradient``, last-step cutoff), decode with grad,
+  score, backward -- at the same two sizes.
+
+Both use the real ``cogvideox`` policy, ``best_worst`` / ``dpo`` / ``reward_gradient`` parts, called in the order
+``vpo_core.loop`` calls them, on a random CogVideoX pipeline in the published diffusers layout that is larger
+than the test model (wider / deeper transformer, wider VAE) so that activations dominate the weights. The
+reward is the core's pure-torch ``toy_brightness`` (a real reward model's own memory is left out: it adds the
+same frozen weights to both, and VADER additionally its activations for backward).
+
+Memory: on CUDA, ``torch.cuda.max_memory_allocated`` minus the allocation after set-up. On CPU, peak RSS
+(``VmHWM``, reset through ``/proc/self/clear_refs`` after set-up) minus RSS after set-up, with glibc told
+to serve every allocation >= 64 KiB by mmap so that freed tensors leave the RSS at once.
+
+    OMP_NUM_THREADS=2 python bench/memory.py                  # CPU: ~9 min on 2 shared cores
+    python bench/memory.py --device cuda --sizes 49x480x720 --layers 30 --heads 30 --head-dim 64
+    python bench/memory.py --vader-frames one_random          # VADER decoding one latent frame (image rewards)
+
+Measured on 2 shared CPU cores (defaults; MiB above set-up): OnlineVPO 78.9 / 161.4 vs VADER (frames=all)
+205.9 / 737.6 at 9x64x64 / 17x96x96 (ratios 0.38 / 0.22); OnlineVPO at 50 vs 10 steps: 1.001x. With
+``--vader-frames one_random`` VADER needs 82.4 / 147.8 (ratios 0.96 / 1.09): then OnlineVPO's peak is its
+sampling batch (N candidates x 2 for CFG; lower the policy's micro_batch_size to cut it).
+
+The CUDA line above approximates CogVideoX-2B's transformer (30 layers, 30 heads x 64) with a random model;
+point ``--model THUDM/CogVideoX-2b`` at the real weights to measure those instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+PROMPT = "a dog running on the beach"
+
+
+# ----------------------------------------------------------------------------------------------- model
+def build_model(directory: Path, layers: int, heads: int, head_dim: int, vae_channels: int) -> Path:
+    """A random CogVideoX pipeline in diffusers layout: the tiny test pipeline with a larger transformer and VAE."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+    from vpo_cogvideox import build_tiny_cogvideox
+
+    build_tiny_cogvideox(directory, seed=0)  # tokenizer, T5 (d_model 32), scheduler; transformer/vae replaced
+    torch.manual_seed(0)
+    CogVideoXTransformer3DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4,
+        time_embed_dim=64, text_embed_dim=32, num_layers=layers, sample_width=8, sample_height=8,
+        sample_frames=9, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=226,
+    ).save_pretrained(directory / "transformer")
+    c = vae_channels
+    AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 3,
+        up_block_types=("CogVideoXUpBlock3D",) * 3, block_out_channels=(c, c, c), latent_channels=4,
+        layers_per_block=1, norm_num_groups=4, temporal_compression_ratio=4, sample_height=32, sample_width=32,
+    ).save_pretrained(directory / "vae")
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------- memory
+class PeakMemory:
+    """Peak memory above the level at ``start()``, in MiB."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    @staticmethod
+    def _status(key: str) -> int:
+        return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            self.base = self._status("VmRSS")
+
+    def peak(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        return (self._status("VmHWM") - self.base) / 2**20
+
+
+# ----------------------------------------------------------------------------------------------- one step
+def child(args: argparse.Namespace) -> None:
+    import vpo_core.testing as toy
+    from vpo_core import BuildContext, PromptBatch, StepContext
+    from vpo_core.data import pairs_to_batch
+    from vpo_cogvideox import CogVideoXConfig, build
+    from vpo_onlinevpo import BestWorstConfig, BestWorstSelector, DPOConfig, DPOObjective
+    from vpo_vader import RewardGradientConfig, RewardGradientObjective
+
+    device = torch.device(args.device)
+    frames, height, width = (int(v) for v in args.size.split("x"))
+    policy = build(CogVideoXConfig(
+        model=args.model, num_frames=frames, height=height, width=width, num_inference_steps=args.steps,
+        guidance_scale=6.0, micro_batch_size=args.candidates, gradient_checkpointing=True,
+        dtype="bfloat16" if device.type == "cuda" else "float32",
+    ), BuildContext(device=device, seed=0))
+    reward = toy.ToyReward(toy.ToyRewardConfig(), None)
+
+    def score(video, prompts):  # the loop's Trainer.score with one reward of weight 1
+        dims = reward.score(video, prompts)
+        out = {f"toy.{k}": v for k, v in dims.items()}
+        out["total"] = torch.stack(list(dims.values())).mean(0)
+        return out
+
+    policy.embed_prompts([PROMPT, ""])  # set-up: text embeddings cached, as after the first step
+    ctx = StepContext(step=1, generator=torch.Generator().manual_seed(0), score=score)
+    memory = PeakMemory(device)
+    memory.start()
+    if args.case == "onlinevpo":
+        rows = [PROMPT] * args.candidates
+        policy.train(False)
+        with torch.no_grad():
+            rollout = policy.sample(rows, list(range(len(rows))), decode=True)
+            scores = score(rollout.frames, rows)
+        policy.train(True)
+        grid = {k: v.reshape(1, args.candidates) for k, v in scores.items()}
+        pairs = BestWorstSelector(BestWorstConfig(key="toy.brightness")).select(grid)
+        batch = pairs_to_batch(pairs, rollout.latents, [PROMPT], args.candidates)
+        del rollout
+        out = DPOObjective(DPOConfig()).loss(policy, batch, ctx)
+    else:
+        objective = RewardGradientObjective(RewardGradientConfig(
+            cutoff="last", frames=args.vader_frames, rewards={"toy.brightness": {}}))
+        out = objective.loss(policy, PromptBatch([PROMPT], [0]), ctx)
+    out.loss.backward()
+    grads = sum(int(p.grad is not None) for p in policy.trainable_parameters())
+    print(json.dumps({"peak_mib": memory.peak(), "trainable_with_grad": grads}))
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def measure(args: argparse.Namespace, case: str, size: str, steps: int) -> float:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # freed tensors go back to the OS at once
+    command = [sys.executable, __file__, "--child", case, "--size", size, "--steps", str(steps),
+               "--model", args.model, "--device", args.device, "--candidates", str(args.candidates),
+               "--vader-frames", args.vader_frames]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"measurement {case} {size} {steps} failed:\n{result.stderr[-3000:]}")
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["trainable_with_grad"] > 0, "the step did not reach the trainable parameters"
+    return record["peak_mib"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="9x64x64,17x96x96", help="FRAMESxHEIGHTxWIDTH, comma separated")
+    parser.add_argument("--steps", default="10,50", help="sampling steps: the first is used for the size table")
+    parser.add_argument("--candidates", type=int, default=4, help="N candidates per prompt (OnlineVPO)")
+    parser.add_argument("--vader-frames", default="all", choices=["all", "every_nth", "one_random"])
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--vae-channels", type=int, default=32)
+    parser.add_argument("--model", default=None, help="a CogVideoX hub id / directory instead of a random model")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--child", choices=["onlinevpo", "vader"], dest="case", help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        args.steps = int(args.steps)
+        return child(args)
+
+    sizes = args.sizes.split(",")
+    steps = [int(s) for s in args.steps.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model is None:
+            args.model = str(build_model(Path(tmp) / "cogvideox", args.layers, args.heads, args.head_dim,
+                                         args.vae_channels))
+            what = f"random CogVideoX ({args.layers} layers, {args.heads}x{args.head_dim} heads, VAE {args.vae_channels} ch)"
+        else:
+            what = args.model
+        print(f"{what} on {args.device}; OnlineVPO: 1 prompt x {args.candidates} candidates, CFG 6, DPO on the "
+              f"best/worst pair; VADER: 1 rollout, last-step cutoff, frames={args.vader_frames}; "
+              f"gradient checkpointing on")
+        print(f"{'size':>12} {'steps':>5} {'OnlineVPO MiB':>14} {'VADER MiB':>10} {'OnlineVPO/VADER':>16}")
+        first = {}
+        for size in sizes:
+            online = measure(args, "onlinevpo", size, steps[0])
+            vader = measure(args, "vader", size, steps[0])
+            first[size] = online
+            print(f"{size:>12} {steps[0]:>5} {online:>14.1f} {vader:>10.1f} {online / vader:>16.2f}")
+        for size in sizes[:1]:
+            for n in steps[1:]:
+                online = measure(args, "onlinevpo", size, n)
+                print(f"{size:>12} {n:>5} {online:>14.1f} {'':>10} {'':>16}  "
+                      f"OnlineVPO {n} vs {steps[0]} steps: {online / first[size]:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
