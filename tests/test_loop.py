@@ -225,3 +225,10 @@ def test_bf16_gradient_accumulation_and_schedule(toy_spec, toy_pm):
     assert all(r["skipped"] == 0 and r["pairs"] == 4 for r in rows)  # 2 micro-steps x 2 prompts
     lrs = [r["lr"] for r in rows]
     assert lrs[0] < lrs[1] and lrs[-1] < lrs[1]  # warm-up, then linear decay
+
+
+def test_unknown_score_key_fails_before_sampling(toy_spec, toy_env, capsys):
+    assert main(["run", str(toy_spec), "--no-progress", "--set", "selector.key=toy_brightness.loudness"]) == 2
+    err = capsys.readouterr().err
+    assert "toy_brightness.loudness" in err and "toy_brightness.brightness" in err and "Traceback" not in err
+    assert not (toy_spec.parent / "out" / "metrics.jsonl").exists()

@@ -144,6 +144,7 @@ class Trainer:
                     raise SpecError(f"reward '{name}' is not differentiable, but objective "
                                     f"'{self.r.objective.component.name}' back-propagates through rewards; "
                                     f"remove it or use a pair-based objective", f"rewards[{i}]")
+        self._check_score_keys()
         self.train_prompts = read_prompts(spec.data.prompts, spec.data.prompts_file)
         self.eval_prompts = read_prompts(spec.data.eval_prompts, spec.data.eval_prompts_file)
         if spec.eval.max_prompts:
@@ -178,6 +179,15 @@ class Trainer:
         if self.trackers:
             self.accelerator.init_trackers(spec.logging.project, config=_flat(self.r.to_dict()),
                                            init_kwargs=_tracker_kwargs(self.trackers, spec.logging.run_name))
+
+    def _check_score_keys(self) -> None:
+        """Parts that expose ``score_keys`` name keys that some reward must provide: fail before sampling."""
+        available = {"total"} | {f"{name}.{dim}" for name, _, r in self.rewards for dim in getattr(r, "dimensions", ())}
+        for section, part in (("selector", self.selector), ("objective", self.objective)):
+            missing = [k for k in getattr(part, "score_keys", ()) or () if k not in available]
+            if missing:
+                raise SpecError(f"score key(s) {missing} are not provided by any reward; available keys: "
+                                f"{sorted(available)} ('<reward name>.<dimension>' or 'total')", section)
 
     # ------------------------------------------------------------------------------------------ scoring
     def score(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:

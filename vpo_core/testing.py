@@ -215,6 +215,7 @@ class ToySelectorConfig(PartConfig):
 class ToySelector:
     def __init__(self, config: ToySelectorConfig, context: BuildContext) -> None:
         self.config = config
+        self.score_keys = [config.key]
 
     def select(self, scores: dict[str, torch.Tensor]) -> list[Pair]:
         grid = scores[self.config.key]

@@ -38,6 +38,8 @@ class BestWorstConfig(PartConfig):
 class BestWorstSelector:
     def __init__(self, config: BestWorstConfig, context: BuildContext | None = None) -> None:
         self.config = config
+        # checked against the rewards' keys by the core before any sampling
+        self.score_keys = list(config.weights) if config.weights is not None else [config.key]
 
     def ranking_scores(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
         """The ``[P, N]`` score the candidates are ranked by."""

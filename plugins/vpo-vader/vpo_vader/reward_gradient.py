@@ -66,6 +66,7 @@ class RewardGradientObjective:
 
     def __init__(self, config: RewardGradientConfig, context: BuildContext | None = None) -> None:
         self.config = config
+        self.score_keys = list(config.rewards)  # checked against the rewards' keys by the core before sampling
 
     def gradient_window(self) -> GradientWindow:
         c = self.config
