@@ -153,12 +153,16 @@ def _spawn(spec: Path, *extra: str) -> subprocess.Popen:
 
 
 def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the run has checkpointed ``step`` (or later)."""
+    from vpo_core.checkpoint import latest_checkpoint
+
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if (out / "checkpoints" / f"step-{step:06d}").is_dir():
+        latest = latest_checkpoint(out)
+        if latest is not None and int(latest.name[5:]) >= step:
             return
         assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
+        time.sleep(0.01)
     raise AssertionError("run did not reach the step in time")
 
 
@@ -170,7 +174,7 @@ def _final_weights(out: Path) -> dict[str, torch.Tensor]:
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, seed):
     from vpo_core.testing import TOY_SPEC
 
-    steps = 12
+    steps = 30
     specs = {}
     for name in ("full", "killed"):
         path = tmp_path / f"{name}.yaml"
@@ -179,9 +183,12 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, seed):
         specs[name] = path
     full = _spawn(specs["full"])
     assert full.wait(timeout=300) == 0, full.communicate()
-    kill_after = random.Random(seed).randint(2, steps - 2)
+    rng = random.Random(seed)
+    kill_after = rng.randint(2, steps // 2)
     proc = _spawn(specs["killed"])
     _wait_for_step(tmp_path / "killed", kill_after, proc)
+    time.sleep(rng.uniform(0, 0.2))  # anywhere in the following step(s), possibly mid-checkpoint
+    assert proc.poll() is None, "the run ended before it could be killed; make it longer"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "final").exists()
