@@ -6,7 +6,7 @@ Stage A trains the 3-level CogVideoX VAE as an autoencoder (MSE + small KL) on r
 Stage B freezes the VAE and a randomly initialised 1-layer T5 encoder (a fixed featuriser of the prompt
 words; the transformer's text projection and joint attention learn to read it) and trains the transformer
 with the v-prediction loss on scaled latents, dropping 10% of prompts to "" so classifier-free guidance works.
-Everything runs on CPU with 2 threads from one seed.
+Everything runs on CPU from one seed (repeatable for a fixed thread count).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+from diffusers.training_utils import EMAModel
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
@@ -166,6 +167,8 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 
 def train_transformer(transformer, scheduler, latents, prompt_index, prompt_embeds, null_embed, args, generator):
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.lr, weight_decay=0.01)
+    # An exponential moving average of the weights gives cleaner samples after a short, noisy training run.
+    ema = EMAModel(transformer.parameters(), decay=args.ema_decay)
     transformer.train()
     prompt_index = torch.tensor(prompt_index)
     start = time.time()
@@ -188,10 +191,12 @@ def train_transformer(transformer, scheduler, latents, prompt_index, prompt_embe
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         optimizer.step()
+        ema.step(transformer.parameters())
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == args.steps - 1:
             print(f"[dit] step {step:5d}  v-loss {loss.item():.4f}  ema {running:.4f}  {time.time() - start:6.0f}s",
                   flush=True)
+    ema.copy_to(transformer.parameters())
     transformer.eval()
     return running
 
@@ -200,16 +205,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, required=True, help="directory for the diffusers pipeline")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--clips-per-prompt", type=int, default=24)
-    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="1 by default: on a CPU shared with other jobs, 2 OpenMP threads ran 5-10x slower")
+    parser.add_argument("--clips-per-prompt", type=int, default=16)
+    parser.add_argument("--vae-steps", type=int, default=400)
     parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--kl-weight", type=float, default=1e-3)
-    parser.add_argument("--steps", type=int, default=2000, help="transformer steps")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3200, help="transformer steps")
+    parser.add_argument("--batch", type=int, default=24)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--prompt-dropout", type=float, default=0.1)
+    parser.add_argument("--ema-decay", type=float, default=0.995)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=16)

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from vpo_core import VpoError
+
 from .world import Attributes, PromptError, heldout_prompts, parse_prompt, render, render_batch, train_prompts
 
 _MODEL_DIR = Path(__file__).resolve().parent / "weights" / "toyworld-cogvideox"
@@ -9,6 +11,11 @@ _MODEL_DIR = Path(__file__).resolve().parent / "weights" / "toyworld-cogvideox"
 
 def default_model_path() -> Path:
     """Directory of the shipped base model (diffusers CogVideoXPipeline layout)."""
+    if not (_MODEL_DIR / "model_index.json").is_file():
+        raise VpoError(
+            f"the toy-world base model is missing at {_MODEL_DIR}; reinstall vpo-toyworld or rebuild it with "
+            f"`python contrib/vpo-toyworld/train_base.py --output {_MODEL_DIR}`"
+        )
     return _MODEL_DIR
 
 

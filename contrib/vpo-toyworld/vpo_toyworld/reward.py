@@ -8,8 +8,10 @@ direction (image coordinates, y down).
 * object mask  ``m_t(p) = sigmoid((|x_t(p) - b| - tau) / s)``, tau = 0.25, s = 0.05: soft "this pixel is not
   background". Every shape colour is >= 0.5 away from every background colour, so rendered shapes get m ~ 1.
 * ``color`` in (0, 1]: mean of object match and background match,
-  ``0.5 * exp(-|mean_m(x) - o|^2 / sigma^2) + 0.5 * exp(-|mean_(1-m)(x) - b|^2 / sigma^2)``, sigma = 0.3, where
-  ``mean_m`` is the mask-weighted mean colour over all frames and pixels.
+  ``0.5 * exp(-|mean_m'(x) - o|^2 / sigma^2) + 0.5 * exp(-|mean_(1-m)(x) - b|^2 / sigma^2)``, sigma = 0.3, where
+  ``mean_w`` is the w-weighted mean colour over all frames and pixels and ``m'`` is the object mask with the
+  stricter threshold ``0.6 * |o - b|``: it leaves out anti-aliased edge pixels (mostly background), which
+  would otherwise pull a bright shape's mean colour towards a dark background.
 * ``direction`` in (0, 1): ``mean_t sigmoid(k * (c_(t+1) - c_t) . u)``, k = 60, with ``c_t`` the mask-weighted
   centroid of frame t in frame-size units. 0.5 = no motion; a shape moving the prompted way at the world's
   speed (~1.75 px / frame) scores ~0.96, the opposite way ~0.04; shuffling the frames brings it towards 0.5.
@@ -29,6 +31,7 @@ from .world import BACKGROUND_COLORS, DIRECTIONS, SHAPE_COLORS, parse_prompt
 MASK_THRESHOLD = 0.25
 MASK_SOFTNESS = 0.05
 COLOR_SIGMA = 0.3
+CORE_FRACTION = 0.6
 DIRECTION_GAIN = 60.0
 EPS = 1e-6
 
@@ -70,10 +73,11 @@ class ToyWorldReward:
         return {"color": color, "direction": moving, "flicker": steady, "overall": overall}
 
 
-def object_mask(frames: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
-    """Soft mask ``[B, T, H, W]`` of pixels that differ from the prompted background colour."""
+def object_mask(frames: torch.Tensor, background: torch.Tensor, threshold=MASK_THRESHOLD) -> torch.Tensor:
+    """Soft mask ``[B, T, H, W]`` of pixels farther than ``threshold`` (scalar or ``[B]``) from the background."""
     distance = (frames - background.view(-1, 1, 3, 1, 1)).pow(2).sum(dim=2).add(EPS).sqrt()
-    return torch.sigmoid((distance - MASK_THRESHOLD) / MASK_SOFTNESS)
+    threshold = torch.as_tensor(threshold, dtype=frames.dtype, device=frames.device).reshape(-1, 1, 1, 1)
+    return torch.sigmoid((distance - threshold) / MASK_SOFTNESS)
 
 
 def _weighted_mean_color(frames: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -83,7 +87,9 @@ def _weighted_mean_color(frames: torch.Tensor, weights: torch.Tensor) -> torch.T
 
 
 def color_score(frames, mask, object_color, background) -> torch.Tensor:
-    object_error = (_weighted_mean_color(frames, mask) - object_color).pow(2).sum(dim=1)
+    core_threshold = CORE_FRACTION * (object_color - background).norm(dim=1)
+    core_mask = object_mask(frames, background, core_threshold)
+    object_error = (_weighted_mean_color(frames, core_mask) - object_color).pow(2).sum(dim=1)
     background_error = (_weighted_mean_color(frames, 1 - mask) - background).pow(2).sum(dim=1)
     sigma2 = COLOR_SIGMA**2
     return 0.5 * torch.exp(-object_error / sigma2) + 0.5 * torch.exp(-background_error / sigma2)

@@ -96,7 +96,7 @@ def all_attributes() -> list[Attributes]:
 
 
 def _is_heldout(attributes: Attributes) -> bool:
-    # A fixed sixth of the combinations (30 of 180), spread so every single attribute value still occurs in
+    # About a sixth of the combinations (32 of 180), spread so every single attribute value still occurs in
     # training: held-out prompts test composition, not unseen words.
     index_sum = (
         list(SHAPE_COLORS).index(attributes.color)
