@@ -44,6 +44,10 @@ def summarize_eval(output_dir: Path) -> dict[str, dict[str, tuple[float, float]]
     out = {"before": {k: _mean_sem(v) for k, v in evals[0]["scores"].items()}}
     finals = [e for e in evals if e.get("final")] or evals[-1:]
     out["after"] = {k: _mean_sem(v) for k, v in finals[-1]["scores"].items()}
+    # Same prompts and seeds before and after: the paired difference has the honest (smaller) error bar.
+    out["gain"] = {k: _mean_sem([a - b for a, b in zip(finals[-1]["scores"][k], before)])
+                   for k, before in evals[0]["scores"].items()
+                   if k in finals[-1]["scores"] and len(finals[-1]["scores"][k]) == len(before)}
     return out
 
 
@@ -90,9 +94,11 @@ def write_report(output_dir: Path) -> Path:
         rows = "".join(
             f"<tr><td>{html.escape(k)}</td><td>{summary['before'][k][0]:.4f} ± {summary['before'][k][1]:.4f}</td>"
             f"<td>{summary['after'].get(k, (float('nan'), 0))[0]:.4f} ± {summary['after'].get(k, (0, 0))[1]:.4f}"
+            f"</td><td>{summary['gain'].get(k, (float('nan'), 0))[0]:+.4f} ± {summary['gain'].get(k, (0, 0))[1]:.4f}"
             f"</td></tr>" for k in keys)
         sections.append('<h2>Held-out reward</h2><img src="plots/eval_before_after.png">'
-                        f"<table><tr><th>score</th><th>before</th><th>after</th></tr>{rows}</table>")
+                        "<table><tr><th>score</th><th>before</th><th>after</th><th>gain (paired: same prompts and "
+                        f"seeds)</th></tr>{rows}</table><p>mean ± standard error</p>")
 
     videos = _side_by_side_videos(output_dir)
     if videos:
