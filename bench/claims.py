@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "claims")
     parser.add_argument("--only", nargs="*", help="variants to run (default: all)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", 2)))
 
     from vpo_core import PluginManager, load_spec
 
