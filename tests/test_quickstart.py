@@ -6,7 +6,6 @@ Integration test over the shipped toy CogVideoX (contrib/vpo-toyworld), vpo-cogv
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

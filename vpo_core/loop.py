@@ -17,7 +17,6 @@ import math
 import signal
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,7 +28,7 @@ from .data import PairDataset, derive_seed, ordered_indices, pairs_to_batch, rea
 from .errors import RunError, SpecError, VpoError
 from .spec import ResolvedSpec
 from .types import BuildContext, PromptBatch, StepContext
-from .video import side_by_side, write_video
+from .video import write_video
 
 METRICS = "metrics.jsonl"
 EVALS = "eval.jsonl"
@@ -559,8 +558,3 @@ def _progress(enabled: bool, total: int, initial: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="vpo", unit="step", dynamic_ncols=True)
-
-
-def format_exception_log(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-

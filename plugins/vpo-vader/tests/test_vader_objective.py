@@ -9,7 +9,7 @@ import pydantic
 import pytest
 import torch
 import vpo_core.testing
-from vpo_core import BuildContext, PartConfig, PromptBatch, Rollout, SpecError, StepContext, VpoError, hookimpl
+from vpo_core import BuildContext, PromptBatch, Rollout, SpecError, StepContext, VpoError, hookimpl
 from vpo_core.loop import Trainer
 from vpo_core.plugins import PluginManager
 from vpo_core.spec import load_spec
