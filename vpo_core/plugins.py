@@ -165,35 +165,31 @@ class PluginManager:
         return None
 
     def _collect(self, plugin: object, name: str, info: PluginInfo) -> None:
-        """Call this plugin's hooks one by one; on any error drop everything it registered."""
+        """Call this plugin's hooks one by one; on any error keep nothing it registered."""
         registered: list[Component] = []
-        for kind, hook_name in HOOK_OF_KIND.items():
+        commands: list[Command] = []
+
+        def part_register(kind: Kind) -> Callable[..., None]:
+            def register(part_name: str, factory: Callable[..., Any],
+                         config_model: type[BaseModel] = PartConfig) -> None:
+                if not isinstance(config_model, type) or not issubclass(config_model, BaseModel):
+                    raise TypeError(f"config_model of {kind} '{part_name}' must be a pydantic model class")
+                registered.append(Component(kind, part_name, factory, config_model, name))
+            return register
+
+        def command_register(cmd_name: str, configure: Callable, run: Callable, help: str = "") -> None:
+            commands.append(Command(cmd_name, configure, run, help, name))
+
+        hooks = [(hook, part_register(kind)) for kind, hook in HOOK_OF_KIND.items()]
+        hooks.append(("vpo_register_commands", command_register))
+        for hook_name, register in hooks:
             impl = self._impl(name, hook_name)
             if impl is None:
                 continue
-
-            def register(part_name: str, factory: Callable[..., Any], config_model: type[BaseModel] = PartConfig,
-                         _kind: Kind = kind) -> None:
-                if not isinstance(config_model, type) or not issubclass(config_model, BaseModel):
-                    raise TypeError(f"config_model of {_kind} '{part_name}' must be a pydantic model class")
-                registered.append(Component(_kind, part_name, factory, config_model, name))
-
             try:
                 impl(register=register)
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001 - a plugin may raise anything
                 info.error = f"hook {hook_name} raised {type(exc).__name__}: {exc}"
-                self._pm.unregister(name=name)
-                return
-        commands: list[Command] = []
-        command_impl = self._impl(name, "vpo_register_commands")
-        if command_impl is not None:
-            def register_command(cmd_name: str, configure: Callable, run: Callable, help: str = "") -> None:
-                commands.append(Command(cmd_name, configure, run, help, name))
-
-            try:
-                command_impl(register=register_command)
-            except BaseException as exc:  # noqa: BLE001
-                info.error = f"hook vpo_register_commands raised {type(exc).__name__}: {exc}"
                 self._pm.unregister(name=name)
                 return
         for comp in registered:
@@ -203,13 +199,14 @@ class PluginManager:
                     f"{comp.kind} '{comp.name}' is registered twice: by plugin '{existing.plugin}' and by "
                     f"plugin '{comp.plugin}'. Uninstall one or disable it with VPO_DISABLE_PLUGINS={comp.plugin}"
                 )
-        for comp in registered:
-            self.components[comp.kind][comp.name] = comp
-            info.parts[comp.kind].append(comp.name)
         for cmd in commands:
             if cmd.name in self.commands:
                 raise DuplicateComponentError(f"command '{cmd.name}' is registered twice: by plugin "
                                               f"'{self.commands[cmd.name].plugin}' and by plugin '{name}'")
+        for comp in registered:
+            self.components[comp.kind][comp.name] = comp
+            info.parts[comp.kind].append(comp.name)
+        for cmd in commands:
             self.commands[cmd.name] = cmd
 
     # ------------------------------------------------------------------------------------------ lookup

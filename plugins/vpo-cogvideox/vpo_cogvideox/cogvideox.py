@@ -17,7 +17,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from vpo_core import BuildContext, GradientWindow, Rollout, VpoError, iter_chunks
+from vpo_core import BuildContext, GradientWindow, Rollout, VpoError, derive_seed, iter_chunks
 
 from .config import CogVideoXConfig
 
@@ -251,10 +251,7 @@ class CogVideoXPolicy:
         last = max(1, min(int(window.last_steps), steps))
         if window.random_cutoff:
             # One draw per call, from a generator seeded by the rows' seeds: the rollout stays reproducible.
-            mixed = 0
-            for seed in seeds:
-                mixed = (mixed * 1_000_003 + int(seed)) % (2**61 - 1)
-            generator = torch.Generator().manual_seed(mixed)
+            generator = torch.Generator().manual_seed(derive_seed("cutoff", *[int(s) for s in seeds]))
             last = int(torch.randint(1, last + 1, (1,), generator=generator))
         return last
 
