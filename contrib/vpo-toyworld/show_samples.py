@@ -25,7 +25,8 @@ from vpo_toyworld.reward import ToyWorldReward
 def generate(pipeline, prompts: list[str], seed: int, steps: int, guidance: float) -> torch.Tensor:
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
     return pipeline(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
-                    generator=generators).frames  # [B, T, C, H, W] in [0, 1]
+                    generator=generators,
+                    max_sequence_length=pipeline.transformer.config.max_text_seq_length).frames  # [B, T, C, H, W] in [0, 1]
 
 
 def mean_scores(reward, frames, prompts) -> str:
@@ -42,9 +43,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval", type=int, default=0, help="samples per split for the reward report")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
 
     pipeline = CogVideoXPipeline.from_pretrained(args.model)
     pipeline.set_progress_bar_config(disable=True)

@@ -28,10 +28,9 @@ from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vpo_toyworld import world  # noqa: E402
 
-MAX_TEXT_TOKENS = 226  # what CogVideoXPipeline pads prompts to by default; train with the same length
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(max_tokens: int) -> PreTrainedTokenizerFast:
     """Word-level tokenizer over the toy world's vocabulary; appends </s> like T5's tokenizer."""
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
     for word in world.vocabulary():
@@ -45,7 +44,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         pad_token="<pad>",
         eos_token="</s>",
         unk_token="<unk>",
-        model_max_length=MAX_TEXT_TOKENS,
+        model_max_length=max_tokens,
     )
 
 
@@ -85,9 +84,11 @@ def build_transformer(text_dim: int, args) -> CogVideoXTransformer3DModel:
         sample_width=latent_size,
         sample_height=latent_size,
         sample_frames=world.NUM_FRAMES,
-        patch_size=2,
+        patch_size=args.patch_size,
         temporal_compression_ratio=4,
-        max_text_seq_length=MAX_TEXT_TOKENS,
+        # The text length prompts are padded to. CogVideoX-2b uses 226; the toy prompts have at most 12 tokens,
+        # and a short pad keeps the joint attention on the words instead of on 200 padding tokens.
+        max_text_seq_length=args.text_tokens,
     )
 
 
@@ -160,7 +161,7 @@ def encode_pool(vae, clips: torch.Tensor, batch: int = 32) -> torch.Tensor:
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     # Same call as CogVideoXPipeline._get_t5_prompt_embeds: pad to max length, no attention mask.
-    ids = tokenizer(prompts, padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True,
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     add_special_tokens=True, return_tensors="pt").input_ids
     return text_encoder(ids)[0]
 
@@ -208,18 +209,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="1 by default: on a CPU shared with other jobs, 2 OpenMP threads ran 5-10x slower")
     parser.add_argument("--clips-per-prompt", type=int, default=16)
-    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--vae-steps", type=int, default=1000)
     parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--kl-weight", type=float, default=1e-3)
-    parser.add_argument("--steps", type=int, default=3200, help="transformer steps")
+    parser.add_argument("--steps", type=int, default=4500, help="transformer steps")
     parser.add_argument("--batch", type=int, default=24)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--prompt-dropout", type=float, default=0.1)
     parser.add_argument("--ema-decay", type=float, default=0.995)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--patch-size", type=int, default=2)
+    parser.add_argument("--text-tokens", type=int, default=16, help="prompt length in tokens, padding included")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -243,7 +246,7 @@ def main() -> None:
     latents = latents * scaling_factor
     print(f"latents {tuple(latents.shape[1:])}, scaling_factor {scaling_factor:.4f}", flush=True)
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(args.text_tokens)
     text_encoder = build_text_encoder(len(tokenizer)).eval().requires_grad_(False)
     prompt_embeds = encode_prompts(tokenizer, text_encoder, prompts)
     null_embed = encode_prompts(tokenizer, text_encoder, [""])

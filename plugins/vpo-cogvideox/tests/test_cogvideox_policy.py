@@ -307,6 +307,18 @@ def test_clear_errors_for_user_mistakes(tiny_2b, tmp_path):
         make_policy(tiny_2b).sample(["a cat"], [1, 2])
 
 
+def test_text_length_follows_the_transformer(tmp_path):
+    # A model built for 16-token prompts (like the toy world's) samples with the default settings; forcing
+    # CogVideoX's 226 on it is a clear error rather than a shape mismatch deep inside the transformer.
+    short = build_tiny_cogvideox(tmp_path / "short-text", seed=0, max_text_length=16)
+    policy = make_policy(short)
+    assert policy.embed_prompts(["a cat"]).shape[1] == 16
+    expected = stock_frames(short, "a cat", 3, max_sequence_length=16)
+    torch.testing.assert_close(policy.sample(["a cat"], [3]).frames, expected, atol=2e-5, rtol=0)
+    with pytest.raises(VpoError, match="max_sequence_length=226 does not match .* max_text_seq_length=16"):
+        make_policy(short, max_sequence_length=226)
+
+
 def test_xformers_processor_matches_cogvideox_sdpa_processor(tiny_5b, monkeypatch):
     """Runs the processor with a stand-in for xformers' kernel (xformers is CUDA-only)."""
     from diffusers import CogVideoXTransformer3DModel

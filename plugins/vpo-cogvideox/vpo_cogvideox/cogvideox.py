@@ -105,6 +105,7 @@ class CogVideoXPolicy:
         self.pipe = pipe
         self.vae, self.text_encoder, self.scheduler = pipe.vae, pipe.text_encoder, pipe.scheduler
         self._is_dpm = isinstance(self.scheduler, CogVideoXDPMScheduler)
+        self.max_sequence_length = config.max_sequence_length or pipe.transformer.config.max_text_seq_length
         self._check_shapes()
 
         for module in (self.vae, self.text_encoder):
@@ -153,6 +154,15 @@ class CogVideoXPolicy:
     # ------------------------------------------------------------------------------------------- setup
     def _check_shapes(self) -> None:
         c, pipe = self.config, self.pipe
+        trained_length = pipe.transformer.config.max_text_seq_length
+        # Without rotary embeddings (CogVideoX-2b) the positional table spans text + video tokens, so the
+        # text must be padded to exactly the length the transformer was built for.
+        if not pipe.transformer.config.use_rotary_positional_embeddings and self.max_sequence_length != trained_length:
+            raise VpoError(
+                f"max_sequence_length={self.max_sequence_length} does not match this transformer's "
+                f"max_text_seq_length={trained_length}: remove max_sequence_length from the spec (it defaults to "
+                f"the model's) or set it to {trained_length}."
+            )
         ratio = pipe.vae_scale_factor_temporal
         if (c.num_frames - 1) % ratio:
             raise VpoError(
@@ -209,7 +219,7 @@ class CogVideoXPolicy:
             embeds, _ = self.pipe.encode_prompt(
                 missing,
                 do_classifier_free_guidance=False,
-                max_sequence_length=self.config.max_sequence_length,
+                max_sequence_length=self.max_sequence_length,
                 device=self.device,
                 dtype=self.dtype,
             )

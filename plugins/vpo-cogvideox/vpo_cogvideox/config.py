@@ -44,7 +44,8 @@ class CogVideoXConfig(PartConfig):
     width: int = Field(720, ge=8)
     micro_batch_size: int = Field(1, ge=1)  # rows denoised together (x2 with CFG)
     negative_prompt: str = ""
-    max_sequence_length: int = Field(226, ge=1)
+    # T5 tokens prompts are padded to; None = the transformer's max_text_seq_length (226 for CogVideoX)
+    max_sequence_length: int | None = Field(None, ge=1)
     text_cache_size: int = Field(1024, ge=0)  # prompt embeddings kept (LRU); 0 disables the cache
 
     # Memory

@@ -45,11 +45,14 @@ def _tiny_tokenizer(max_length: int):
     ), len(vocab)
 
 
-def build_tiny_cogvideox(directory: str | Path, seed: int = 0, variant: str = "2b") -> Path:
+def build_tiny_cogvideox(
+    directory: str | Path, seed: int = 0, variant: str = "2b", max_text_length: int = 226
+) -> Path:
     """Write a tiny random CogVideoX pipeline to ``directory`` and return its path.
 
     ``variant="2b"``: sincos positions + CogVideoXDDIMScheduler (like THUDM/CogVideoX-2b).
     ``variant="5b"``: rotary positions + CogVideoXDPMScheduler (like THUDM/CogVideoX-5b).
+    ``max_text_length``: the text length the transformer is built for (CogVideoX's own is 226).
     """
     from diffusers import (
         AutoencoderKLCogVideoX,
@@ -63,7 +66,6 @@ def build_tiny_cogvideox(directory: str | Path, seed: int = 0, variant: str = "2
     if variant not in ("2b", "5b"):
         raise ValueError(f"variant must be '2b' or '5b', got {variant!r}")
     directory = Path(directory)
-    max_text_length = 226  # CogVideoX's own text length, so the plugin's defaults work unchanged
     spatial, temporal = 4, 4  # 3 VAE levels: x4 in space; time x4 (9 frames -> 3 latent frames)
 
     torch.manual_seed(seed)
