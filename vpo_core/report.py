@@ -76,18 +76,44 @@ def write_report(output_dir: Path) -> Path:
         plt.close(fig)
         sections.append(f'<h2>{html.escape(title)}</h2><img src="plots/{name}">')
 
+    evals = _read_jsonl(output_dir / "eval.jsonl")
+    if len(evals) > 1:
+        # Held-out reward at every evaluation: the curve that says whether training helped and when.
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for k in sorted(evals[0]["scores"]):
+            pts = [(e["step"], *_mean_sem(e["scores"][k])) for e in evals if e["scores"].get(k)]
+            steps, means, errs = zip(*pts)
+            line, = ax.plot(steps, means, marker="o", ms=3, lw=1.2, label=k)
+            ax.fill_between(steps, [m - e for m, e in zip(means, errs)], [m + e for m, e in zip(means, errs)],
+                            color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("step")
+        ax.set_title("Held-out reward per evaluation (mean ± s.e.)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(plots / "eval_curve.png", dpi=100)
+        plt.close(fig)
+        sections.append('<h2>Held-out reward per evaluation</h2><img src="plots/eval_curve.png">')
+
     summary = summarize_eval(output_dir)
     if summary:
         keys = sorted(summary["before"])
-        fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(keys)), 3.2))
+        # Points, not bars, so the axis zooms to the scores; the paired gain gets its own panel because its
+        # error bar (same prompts and seeds) is much smaller than the spread of either mean.
+        fig, (ax, gain_ax) = plt.subplots(1, 2, figsize=(max(7, 2.2 * len(keys)), 3.4))
         x = range(len(keys))
-        for offset, which in ((-0.2, "before"), (0.2, "after")):
+        for offset, which in ((-0.12, "before"), (0.12, "after")):
             means = [summary[which].get(k, (float("nan"), 0))[0] for k in keys]
             errs = [summary[which].get(k, (0, 0))[1] for k in keys]
-            ax.bar([i + offset for i in x], means, width=0.4, yerr=errs, capsize=3, label=which)
+            ax.errorbar([i + offset for i in x], means, yerr=errs, fmt="o", capsize=3, label=which)
         ax.set_xticks(list(x), keys, rotation=20, fontsize=7)
-        ax.set_title("Held-out reward before vs after (mean ± s.e.)")
-        ax.legend()
+        ax.set_title("Held-out reward (mean ± s.e.)", fontsize=9)
+        ax.legend(fontsize=7)
+        gains = [summary["gain"].get(k, (float("nan"), 0)) for k in keys]
+        gain_ax.errorbar(list(x), [g[0] for g in gains], yerr=[g[1] for g in gains], fmt="o", capsize=3,
+                         color="tab:green")
+        gain_ax.axhline(0.0, color="gray", lw=0.8)
+        gain_ax.set_xticks(list(x), keys, rotation=20, fontsize=7)
+        gain_ax.set_title("After − before, paired (mean ± s.e.)", fontsize=9)
         fig.tight_layout()
         fig.savefig(plots / "eval_before_after.png", dpi=100)
         plt.close(fig)
