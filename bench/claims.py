@@ -10,7 +10,7 @@ what the claim is about. The score is the held-out toyworld reward (`toy.overall
 prompt) after training, as mean ± standard error over seeds; "gain" is after minus before on the same
 held-out prompts and seeds. Usage:
 
-    python bench/claims.py                 # defaults: 3 seeds, 40 steps (about 30-40 min on 2 CPU cores)
+    python bench/claims.py                 # defaults: 3 seeds, 40 steps (about 15 min on 2 CPU cores)
     python bench/claims.py --seeds 2 --steps 10 --out runs/claims-smoke
 """
 

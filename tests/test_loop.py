@@ -44,7 +44,7 @@ def test_online_pairs_writes_the_output_contract(toy_spec, toy_pm):
     assert (out / "samples" / "step-000006" / "prompt-00.gif").exists()
     assert (out / "samples" / "before_after" / "prompt-00.gif").exists()
     report = (out / "report.html").read_text()
-    assert "plots/reward.png" in report and "plots/eval_before_after.png" in report and "plots/eval_curve.png" in report
+    assert all(f"plots/{name}.png" in report for name in ("reward", "eval_curve", "eval_before_after"))
     assert (out / "plots" / "loss.png").stat().st_size > 1000
     # the resolved spec has every default filled in and is itself a valid spec
     import yaml

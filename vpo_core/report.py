@@ -82,6 +82,8 @@ def write_report(output_dir: Path) -> Path:
         fig, ax = plt.subplots(figsize=(6, 3.2))
         for k in sorted(evals[0]["scores"]):
             pts = [(e["step"], *_mean_sem(e["scores"][k])) for e in evals if e["scores"].get(k)]
+            if not pts:
+                continue
             steps, means, errs = zip(*pts)
             line, = ax.plot(steps, means, marker="o", ms=3, lw=1.2, label=k)
             ax.fill_between(steps, [m - e for m, e in zip(means, errs)], [m + e for m, e in zip(means, errs)],

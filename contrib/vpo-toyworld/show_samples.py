@@ -24,9 +24,10 @@ from vpo_toyworld.reward import ToyWorldReward
 
 def generate(pipeline, prompts: list[str], seed: int, steps: int, guidance: float) -> torch.Tensor:
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    # The toy transformer is built for 16-token prompts; the pipeline's own default pads to 226.
+    text_length = pipeline.transformer.config.max_text_seq_length
     return pipeline(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
-                    generator=generators,
-                    max_sequence_length=pipeline.transformer.config.max_text_seq_length).frames  # [B, T, C, H, W] in [0, 1]
+                    generator=generators, max_sequence_length=text_length).frames  # [B, T, C, H, W] in [0, 1]
 
 
 def mean_scores(reward, frames, prompts) -> str:

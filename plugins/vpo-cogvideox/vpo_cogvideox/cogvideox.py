@@ -157,7 +157,8 @@ class CogVideoXPolicy:
         trained_length = pipe.transformer.config.max_text_seq_length
         # Without rotary embeddings (CogVideoX-2b) the positional table spans text + video tokens, so the
         # text must be padded to exactly the length the transformer was built for.
-        if not pipe.transformer.config.use_rotary_positional_embeddings and self.max_sequence_length != trained_length:
+        sincos_positions = not pipe.transformer.config.use_rotary_positional_embeddings
+        if sincos_positions and self.max_sequence_length != trained_length:
             raise VpoError(
                 f"max_sequence_length={self.max_sequence_length} does not match this transformer's "
                 f"max_text_seq_length={trained_length}: remove max_sequence_length from the spec (it defaults to "
