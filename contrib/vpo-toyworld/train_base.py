@@ -22,30 +22,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 from diffusers.training_utils import EMAModel
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+from transformers import T5Config, T5EncoderModel
+from vpo_cogvideox.testing import word_level_t5_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vpo_toyworld import world  # noqa: E402
-
-
-
-def build_tokenizer(max_tokens: int) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the toy world's vocabulary; appends </s> like T5's tokenizer."""
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in world.vocabulary():
-        vocab[word] = len(vocab)
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="<pad>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        model_max_length=max_tokens,
-    )
 
 
 def build_text_encoder(vocab_size: int) -> T5EncoderModel:
@@ -246,7 +227,8 @@ def main() -> None:
     latents = latents * scaling_factor
     print(f"latents {tuple(latents.shape[1:])}, scaling_factor {scaling_factor:.4f}", flush=True)
 
-    tokenizer = build_tokenizer(args.text_tokens)
+    # Word-level over the toy world's vocabulary, T5's special tokens (and </s> appended).
+    tokenizer = word_level_t5_tokenizer(world.vocabulary(), args.text_tokens)
     text_encoder = build_text_encoder(len(tokenizer)).eval().requires_grad_(False)
     prompt_embeds = encode_prompts(tokenizer, text_encoder, prompts)
     null_embed = encode_prompts(tokenizer, text_encoder, [""])

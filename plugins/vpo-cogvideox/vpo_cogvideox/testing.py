@@ -24,17 +24,18 @@ TINY_WIDTH = 32
 TINY_FRAMES = 9
 
 
-def _tiny_tokenizer(max_length: int):
+def word_level_t5_tokenizer(words, max_length: int):
+    """A ``PreTrainedTokenizerFast`` over ``words`` that behaves like T5's tokenizer where the pipeline cares:
+    ``<pad>`` = 0, ``</s>`` = 1 appended to every sequence, ``<unk>`` = 2, lower-cased, whitespace-split."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in _WORDS:
+    for word in words:
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    # T5 appends </s> to every sequence.
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -42,7 +43,7 @@ def _tiny_tokenizer(max_length: int):
         eos_token="</s>",
         unk_token="<unk>",
         model_max_length=max_length,
-    ), len(vocab)
+    )
 
 
 def build_tiny_cogvideox(
@@ -99,7 +100,8 @@ def build_tiny_cogvideox(
         sample_height=TINY_HEIGHT,
         sample_width=TINY_WIDTH,
     )
-    tokenizer, vocab_size = _tiny_tokenizer(max_text_length)
+    tokenizer = word_level_t5_tokenizer(_WORDS, max_text_length)
+    vocab_size = len(tokenizer)
     text_encoder = T5EncoderModel(
         T5Config(
             vocab_size=vocab_size,
