@@ -72,6 +72,46 @@ class Rollout:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+class PolicyConfig(PartConfig):
+    """Base of policy config models. ``capabilities`` names the optional parts of the contract the policy
+    implements (so a spec is checked before any model loads): ``"trajectories"`` = ``sample_trajectory`` and
+    ``transition`` (GRPO)."""
+
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+
+@dataclass
+class TrajectorySettings:
+    """How ``Policy.sample_trajectory`` samples: Gaussian transitions whose log-density is recorded."""
+
+    noise_level: float = 0.7  # flow models: Flow-GRPO's noise level; DDIM (eps / v) models: eta
+    # Stochastic steps [start, end) (MixGRPO / Flow-GRPO-Fast); deterministic (ODE / eta 0) elsewhere. None: all.
+    window: tuple[int, int] | None = None
+
+
+@dataclass
+class Trajectory:
+    """A recorded denoising chain; row ``i`` belongs to ``prompts[i]`` and ``seeds[i]``."""
+
+    latents: torch.Tensor  # [B, S+1, ...]: the initial noise (index 0) ... the final latents (index S)
+    log_probs: torch.Tensor  # [B, S] float32 log-density of each transition when sampled; NaN where deterministic
+    steps: list[int]  # indices of the stochastic transitions (the ones GRPO can train)
+    prompts: list[str]
+    seeds: list[int]
+    settings: TrajectorySettings
+    frames: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Transition:
+    """Gaussian transitions ``latents[row, step] -> latents[row, step + 1]`` re-evaluated under some weights."""
+
+    log_prob: torch.Tensor  # [K] float32, averaged over the non-batch dims
+    mean: torch.Tensor  # [K, ...] float32
+    std: torch.Tensor  # [K] float32
+
+
 @runtime_checkable
 class Policy(Protocol):
     """The video model being tuned."""
@@ -130,6 +170,13 @@ class Policy(Protocol):
 
     def train(self, mode: bool = True) -> Any:
         """Put trainable modules into train/eval mode."""
+
+    # Optional, capability "trajectories" (declare it in the config model's ``capabilities``):
+    #   sample_trajectory(prompts, seeds, settings: TrajectorySettings, *, decode=True) -> Trajectory
+    #       one stochastic chain per (prompt, seed), reproducible from the seed alone, no graph.
+    #   transition(trajectory, rows: list[int], steps: list[int]) -> Transition
+    #       re-evaluates transition steps[k] of row rows[k] (same guidance as sampling) under the current weights,
+    #       with a graph when grad is enabled, or under the reference inside ``use_reference()``.
 
 
 # ----------------------------------------------------------------------------------------------- rewards

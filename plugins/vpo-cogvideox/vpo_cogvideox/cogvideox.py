@@ -9,15 +9,13 @@ at once, one generator per row, and keeping a graph in the last steps when asked
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from vpo_core import BuildContext, GradientWindow, Rollout, VpoError, derive_seed, iter_chunks
+from vpo_core.adapters import TrainableModule, sorted_config
 
 from .config import CogVideoXConfig
 
@@ -25,7 +23,6 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _MIXED_PRECISION_DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 _SCHEDULERS = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
-REFERENCE_ADAPTER = "reference"
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -122,32 +119,11 @@ class CogVideoXPolicy:
             from .attention import use_xformers
 
             use_xformers(transformer)
-        self._reference_transformer = None  # frozen copy, full fine-tuning only
-        self._lora_config = None
-        if config.full_finetune:
-            # Trainable weights stay in float32 (the loop's autocast handles mixed precision).
-            transformer.to(torch.float32).requires_grad_(True)
-            # The reference must be the *base*, so it is copied before any update: one more transformer
-            # in memory (2B: ~6.8 GB in float32; 5B: ~22 GB).
-            self._reference_transformer = copy.deepcopy(transformer).requires_grad_(False).eval()
-        else:
-            from peft import LoraConfig
-
-            self._lora_config = LoraConfig(
-                r=config.lora.rank,
-                lora_alpha=config.lora.alpha,
-                lora_dropout=config.lora.dropout,
-                target_modules=list(config.lora.target_modules),
-                init_lora_weights=True,  # B = 0: the adapter starts as the identity
-            )
-            with torch.random.fork_rng(devices=[]):  # LoRA A's random init reproducible from the run seed
-                torch.manual_seed(context.seed)
-                transformer.add_adapter(self._lora_config)
-            for parameter in self.trainable_parameters():
-                parameter.data = parameter.data.float()  # optimizer state and updates in float32
+        # LoRA with the reference as disabled adapters / a "reference" adapter, or full fine-tuning with a frozen
+        # copy of the base (2B: ~6.8 GB more in float32; 5B: ~22 GB).
+        self.trainable = TrainableModule(transformer, None if config.full_finetune else config.lora, context.seed)
         if config.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
-        self._active_transformer = transformer  # swapped for the frozen copy in use_reference (full FT)
         self.to(self.device)
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
@@ -186,7 +162,7 @@ class CogVideoXPolicy:
 
     def to(self, device: torch.device) -> "CogVideoXPolicy":
         self.device = torch.device(device)
-        for module in (self.transformer, self.vae, self.text_encoder, self._reference_transformer):
+        for module in (self.transformer, self.vae, self.text_encoder, self.trainable.reference_copy):
             if module is not None:
                 module.to(self.device)
         return self
@@ -196,14 +172,7 @@ class CogVideoXPolicy:
         return self
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        if self.config.full_finetune:
-            return list(self.transformer.parameters())
-        # The active LoRA adapter only; the reference adapter is never trained.
-        return [
-            parameter
-            for name, parameter in self.transformer.named_parameters()
-            if ".lora_" in name and f".{REFERENCE_ADAPTER}." not in name
-        ]
+        return self.trainable.parameters()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -246,7 +215,7 @@ class CogVideoXPolicy:
         return self.pipe._prepare_rotary_positional_embeddings(height, width, latent_frames, self.device)
 
     def _predict(self, latents, embeds, timestep, rotary) -> torch.Tensor:
-        transformer = self._active_transformer
+        transformer = self.trainable.forward_module
         with transformer.cache_context("cond_uncond"):
             return transformer(
                 hidden_states=latents,
@@ -279,15 +248,15 @@ class CogVideoXPolicy:
             raise VpoError(f"sample() got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per row.")
         c = self.config
         grad_steps = self._grad_steps(gradient, seeds, c.num_inference_steps)
-        was_training = self._active_transformer.training
-        self._active_transformer.eval()  # rows must not depend on dropout draws
+        was_training = self.trainable.forward_module.training
+        self.trainable.forward_module.eval()  # rows must not depend on dropout draws
         try:
             latents = [
                 self._sample_rows(prompts[rows], seeds[rows], grad_steps, gradient)
                 for rows in iter_chunks(len(prompts), c.micro_batch_size)
             ]
         finally:
-            self._active_transformer.train(was_training)
+            self.trainable.forward_module.train(was_training)
         latents = torch.cat(latents)
         frames = None
         if decode and gradient is None:
@@ -335,8 +304,8 @@ class CogVideoXPolicy:
         old_pred_original_sample = None  # DPM-solver++ state
         for i, t in enumerate(timesteps):
             with_grad = i >= first_grad_step
-            if with_grad and window.checkpointing and not self._active_transformer.is_gradient_checkpointing:
-                self._active_transformer.enable_gradient_checkpointing()
+            if with_grad and window.checkpointing and not self.trainable.forward_module.is_gradient_checkpointing:
+                self.trainable.forward_module.enable_gradient_checkpointing()
                 toggled_checkpointing = True
             with torch.set_grad_enabled(with_grad):
                 model_input = torch.cat([latents] * 2) if cfg else latents
@@ -366,7 +335,7 @@ class CogVideoXPolicy:
                     latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
                 latents = latents.to(embeds.dtype)
         if toggled_checkpointing:
-            self._active_transformer.disable_gradient_checkpointing()
+            self.trainable.forward_module.disable_gradient_checkpointing()
         return latents
 
     # ------------------------------------------------------------------------------------------- VAE
@@ -422,82 +391,22 @@ class CogVideoXPolicy:
     # ------------------------------------------------------------------------------------------- reference
     @property
     def has_reference_adapter(self) -> bool:
-        return self._lora_config is not None and REFERENCE_ADAPTER in self.transformer.peft_config
+        return self.trainable.has_reference_adapter
 
-    @contextlib.contextmanager
     def use_reference(self):
         """Forward passes inside use the reference: base weights, the "reference" adapter, or the frozen copy."""
-        if self._reference_transformer is not None:
-            self._active_transformer = self._reference_transformer
-            try:
-                yield
-            finally:
-                self._active_transformer = self.transformer
-            return
-        if self.has_reference_adapter:
-            self.transformer.set_adapter(REFERENCE_ADAPTER)
-        else:
-            self.transformer.disable_adapters()
-        try:
-            yield
-        finally:
-            # peft flips requires_grad when switching adapters; this restores the trainable one.
-            if self.has_reference_adapter:
-                self.transformer.set_adapter("default")
-            else:
-                self.transformer.enable_adapters()
+        return self.trainable.use_reference()
 
-    @torch.no_grad()
     def update_reference(self) -> None:
         """Reference := current policy (one extra LoRA adapter, or the frozen copy with full fine-tuning)."""
-        if self._reference_transformer is not None:
-            self._reference_transformer.load_state_dict(self.transformer.state_dict())
-            return
-        if not self.has_reference_adapter:
-            with warnings.catch_warnings():  # peft warns about a second adapter: that is the point here
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                self.transformer.add_adapter(copy.deepcopy(self._lora_config), adapter_name=REFERENCE_ADAPTER)
-            self.transformer.set_adapter("default")
-            for name, parameter in self.transformer.named_parameters():
-                if f".{REFERENCE_ADAPTER}." in name:
-                    parameter.data = parameter.data.float()  # same precision as the adapter it copies
-        parameters = dict(self.transformer.named_parameters())
-        for name, parameter in parameters.items():
-            if ".lora_" in name and ".default." in name:
-                parameters[name.replace(".default.", f".{REFERENCE_ADAPTER}.")].copy_(parameter)
+        self.trainable.update_reference()
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def state_dict_for_checkpoint(self) -> dict[str, torch.Tensor]:
-        """Trainable weights under ``transformer.*``; the reference under ``reference.*`` (full FT) or as the
-        ``reference`` adapter's LoRA weights (their names contain ``.reference.``)."""
-        state = {}
-        for name, parameter in self.transformer.named_parameters():
-            if self.config.full_finetune or ".lora_" in name:
-                state[f"transformer.{name}"] = parameter.detach().clone()
-        if self._reference_transformer is not None:
-            for name, tensor in self._reference_transformer.state_dict().items():
-                state[f"reference.{name}"] = tensor.detach().clone()
-        return state
+        return self.trainable.state_dict()
 
-    @torch.no_grad()
     def load_state_dict_from_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
-        if not self.config.full_finetune and any(f".{REFERENCE_ADAPTER}." in key for key in state):
-            self.update_reference()  # creates the adapter; its weights are overwritten below
-        parameters = dict(self.transformer.named_parameters())
-        reference = self._reference_transformer.state_dict() if self._reference_transformer is not None else {}
-        unknown = []
-        for key, value in state.items():
-            prefix, _, name = key.partition(".")
-            target = parameters.get(name) if prefix == "transformer" else reference.get(name)
-            if target is None or target.shape != value.shape:
-                unknown.append(key)
-                continue
-            target.copy_(value)
-        if unknown:
-            raise VpoError(
-                f"checkpoint does not match this cogvideox policy ({len(unknown)} unknown or mis-shaped entries, "
-                f"e.g. {unknown[:3]}): was it saved with another model, LoRA rank or full_finetune setting?"
-            )
+        self.trainable.load_state_dict(state, "cogvideox policy")
 
     def save_pretrained(self, directory: Path) -> None:
         """LoRA: ``pytorch_lora_weights.safetensors`` for ``CogVideoXPipeline.load_lora_weights(directory)``.
@@ -515,5 +424,5 @@ class CogVideoXPolicy:
             directory,
             transformer_lora_layers=layers,
             # rank/alpha/targets travel with the file, so alpha != rank loads with the right scale
-            transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
+            transformer_lora_adapter_metadata=sorted_config(self.transformer.peft_config["default"]),
         )

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from vpo_core import PartConfig
+from vpo_core.adapters import LoraSpec as BaseLoraSpec
 
 
-class LoraSpec(BaseModel):
+class LoraSpec(BaseLoraSpec):
     """LoRA adapter on the transformer (peft ``LoraConfig``)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    rank: int = Field(16, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # CogVideoX attention projections (diffusers module names), as in diffusers' CogVideoX LoRA script.
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 

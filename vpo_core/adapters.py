@@ -1,0 +1,198 @@
+"""The module a policy tunes, shared by the policy plugins: a LoRA adapter (peft) or all of its weights, plus the
+reference that DPO and GRPO's KL term compare against, without a second copy of the model under LoRA:
+
+* LoRA: the reference is the base (adapters disabled) until ``update_reference()`` copies the learner into a
+  second adapter named ``reference`` (Flow-GRPO's cheap curriculum update; VideoDPO's ``shared_ref_pred``).
+* full fine-tuning: the reference is a frozen copy of the module taken before any update.
+
+Forward passes go through ``forward_module``: the module, its DDP/FSDP wrapper once ``wrap`` was called, or the
+frozen copy inside ``use_reference()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import VpoError
+
+REFERENCE = "reference"
+
+
+class LoraSpec(BaseModel):
+    """``lora:`` section of a policy config; plugins subclass it to set their default ``target_modules``."""
+
+    model_config = ConfigDict(extra="forbid")
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # Module names (or name suffixes, as peft matches them) that get an adapter.
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v"])
+
+
+def sorted_config(config: Any) -> dict[str, Any]:
+    """A peft config as a dict with sets turned into sorted lists: identical runs write identical bytes."""
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}
+
+
+class TrainableModule:
+    def __init__(self, module: torch.nn.Module, lora: LoraSpec | None, seed: int) -> None:
+        self.module = module
+        self.lora = lora
+        self.reference_copy: torch.nn.Module | None = None
+        self._wrapped: torch.nn.Module | None = None
+        self._in_reference = False
+        module.requires_grad_(False)
+        if lora is None:
+            module.to(torch.float32).requires_grad_(True)  # optimizer state and updates in float32
+            self.reference_copy = copy.deepcopy(module).requires_grad_(False).eval()
+            return
+        from peft import LoraConfig
+
+        self.peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                      target_modules=sorted(lora.target_modules), init_lora_weights=True)
+        with torch.random.fork_rng(devices=[]):  # LoRA A's random init reproducible from the run seed
+            torch.manual_seed(seed)
+            try:
+                self._add_adapter("default")
+            except ValueError as error:  # peft: "Target modules {...} not found in the base model"
+                names = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)][:8]
+                raise VpoError(f"lora.target_modules {sorted(lora.target_modules)} match no layer of "
+                               f"{type(module).__name__} ({error}); linear layers are named e.g. {names}") from None
+        for parameter in self.parameters():
+            parameter.data = parameter.data.float()
+
+    # ------------------------------------------------------------------------------------------ adapters
+    def _add_adapter(self, name: str) -> None:
+        config = copy.deepcopy(self.peft_config)
+        if hasattr(self.module, "add_adapter"):  # diffusers models keep their own peft bookkeeping
+            self.module.add_adapter(config, adapter_name=name)
+        else:
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(config, self.module, adapter_name=name)
+            self.module.peft_config = {**getattr(self.module, "peft_config", {}), name: config}
+        self._set_adapter("default")
+
+    def _tuner_layers(self) -> Iterator[Any]:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return (m for m in self.module.modules() if isinstance(m, BaseTunerLayer))
+
+    def _set_adapter(self, name: str | None) -> None:
+        """Activate one adapter (peft makes it the only one requiring grad), or disable all with ``None``."""
+        for layer in self._tuner_layers():
+            if name is None:
+                layer.enable_adapters(False)
+            else:
+                layer.enable_adapters(True)
+                layer.set_adapter(name)
+        if name is not None:  # only the learner is ever trained
+            for pname, parameter in self.module.named_parameters():
+                if ".lora_" in pname:
+                    parameter.requires_grad_(f".{REFERENCE}." not in pname)
+
+    @property
+    def has_reference_adapter(self) -> bool:
+        return self.lora is not None and REFERENCE in getattr(self.module, "peft_config", {})
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer updates: the learner adapter, or every weight under full fine-tuning."""
+        if self.lora is None:
+            return list(self.module.parameters())
+        return [p for n, p in self.module.named_parameters() if ".lora_" in n and f".{REFERENCE}." not in n]
+
+    def adapted_module_names(self) -> list[str]:
+        """Names of the modules that carry the learner adapter (for checks of ``target_modules``)."""
+        return sorted(n for n, m in self.module.named_modules()
+                      if n and any(name == "default" for name in getattr(m, "lora_A", {})))
+
+    # ------------------------------------------------------------------------------------------ forward
+    @property
+    def forward_module(self) -> torch.nn.Module:
+        if self._in_reference and self.reference_copy is not None:
+            return self.reference_copy
+        return self._wrapped if self._wrapped is not None else self.module
+
+    def wrap(self, wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
+        """Route forward passes through ``wrap(module)`` (the engine's DDP / FSDP wrapper)."""
+        self._wrapped = wrap(self.module)
+
+    @contextlib.contextmanager
+    def use_reference(self) -> Iterator[None]:
+        previous, self._in_reference = self._in_reference, True
+        if self.lora is not None:
+            self._set_adapter(REFERENCE if self.has_reference_adapter else None)
+        try:
+            yield
+        finally:
+            self._in_reference = previous
+            if self.lora is not None and not previous:
+                self._set_adapter("default")
+
+    @torch.no_grad()
+    def update_reference(self) -> None:
+        """Reference := the current weights."""
+        if self.reference_copy is not None:
+            self.reference_copy.load_state_dict(self.module.state_dict())
+            return
+        if not self.has_reference_adapter:
+            with warnings.catch_warnings():  # peft warns about a second adapter: that is the point here
+                warnings.filterwarnings("ignore", message=".*peft_config.*")
+                self._add_adapter(REFERENCE)
+        parameters = dict(self.module.named_parameters())
+        for name, parameter in parameters.items():
+            if ".lora_" in name and ".default." in name:
+                target = parameters[name.replace(".default.", f".{REFERENCE}.")]
+                target.data = parameter.detach().clone().float()
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Learner weights under ``module.*`` (the reference adapter's names contain ``.reference.``), and the
+        frozen copy under ``reference.*`` with full fine-tuning."""
+        state = {f"module.{n}": p.detach().clone() for n, p in self.module.named_parameters()
+                 if self.lora is None or ".lora_" in n}
+        if self.reference_copy is not None:
+            state.update({f"reference.{n}": t.detach().clone() for n, t in self.reference_copy.state_dict().items()})
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor], what: str = "policy") -> None:
+        if self.lora is not None and any(f".{REFERENCE}." in key for key in state):
+            self.update_reference()  # creates the adapter; its weights are overwritten below
+        parameters = dict(self.module.named_parameters())
+        reference = self.reference_copy.state_dict() if self.reference_copy is not None else {}
+        expected = set(self.state_dict())
+        bad = sorted(set(state) ^ expected)
+        for key, value in state.items():
+            prefix, _, name = key.partition(".")
+            target = (parameters if prefix == "module" else reference).get(name)
+            if target is None or target.shape != value.shape:
+                bad.append(key)
+            else:
+                target.copy_(value)
+        if bad:
+            raise VpoError(f"checkpoint does not match this {what} ({len(set(bad))} missing, unknown or mis-shaped "
+                           f"entries, e.g. {sorted(set(bad))[:3]}): was it saved with another model, LoRA rank, "
+                           f"target_modules or full fine-tuning setting?")
+
+    def save_peft_adapter(self, directory: Path) -> None:
+        """``adapter_model.safetensors`` + ``adapter_config.json``, loadable with ``peft.PeftModel.from_pretrained``
+        on the same base module (for models without a diffusers LoRA format)."""
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = get_peft_model_state_dict(self.module, adapter_name="default")
+        save_file({f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in sorted(weights.items())},
+                  str(directory / "adapter_model.safetensors"))
+        config = sorted_config(self.module.peft_config["default"])
+        (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
