@@ -9,15 +9,19 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tokenizers import pre_tokenizers
 from transformers import BertConfig, CLIPTokenizer
 
 from vpo_core import BuildContext, VpoError
 from vpo_hpsv2.convert import main as convert_main
-from vpo_hpsv2.reward import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, HPSv2Config, build_hpsv2_reward, resize_center_crop
+from vpo_hpsv2.reward import (
+    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, HPSv2Config, build_hpsv2_reward, resize_longest_side_and_pad,
+)
 
 VISION_WIDTH, VISION_LAYERS, VISION_HEADS, PATCH, IMAGE = 32, 2, 4, 4, 16
 TEXT_WIDTH, TEXT_LAYERS, TEXT_HEADS, CONTEXT = 48, 2, 4, 16
@@ -203,16 +207,58 @@ def test_differentiable_and_resizes_non_square_frames(checkpoint, tokenizer_dir)
     assert touched[:, [0, 4]].all() and not touched[:, 1:4].any()
 
 
-def test_resize_center_crop_keeps_exact_size_and_crops_long_side():
-    images = torch.rand(2, 3, 16, 16)
-    assert torch.equal(resize_center_crop(images, 16), images)
-    wide = torch.rand(1, 3, 8, 24)
-    out = resize_center_crop(wide, 16)
-    assert out.shape == (1, 3, 16, 16)
-    # A horizontally constant image stays constant after the resize + crop.
-    flat = torch.linspace(0, 1, 8).view(1, 1, 8, 1).expand(1, 3, 8, 24)
-    cropped = resize_center_crop(flat, 16)
-    torch.testing.assert_close(cropped, cropped[..., :1].expand_as(cropped))
+def published_transform(image: torch.Tensor, size: int) -> torch.Tensor:
+    """HPSv2's ``ResizeMaxSize(size, fill=0)`` computed independently with PIL and numpy, one [3, H, W] image.
+
+    Longest side -> ``size`` with the other side ``round(side * size / longest)`` (Python's round), bicubic;
+    black padding split ``[pad // 2, pad - pad // 2]`` (left/top get the smaller half). PIL's float ("F") bicubic
+    is the kernel torch's antialiased bicubic was written to reproduce (a = -0.5, support scaled when
+    shrinking, weights renormalised at the borders); PIL accumulates in double, torch in float32.
+    """
+    height, width = image.shape[-2:]
+    scale = size / float(max(height, width))
+    new_h, new_w = round(height * scale), round(width * scale)
+    channels = [np.asarray(Image.fromarray(c.numpy()).resize((new_w, new_h), Image.BICUBIC)) for c in image]
+    resized = np.stack(channels)
+    pad_h, pad_w = size - new_h, size - new_w
+    padded = np.pad(resized, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2)))
+    return torch.from_numpy(padded)
+
+
+# (height, width) -> shrink with an odd pad (20x28 -> 11x16, pad 2 top / 3 bottom), a tie that Python rounds to
+# even (21x32 -> 10.5 -> 10), portrait, an upscale, a video-sized frame, and a square already at size.
+TRANSFORM_CASES = [((20, 28), 16), ((21, 32), 16), ((31, 12), 16), ((6, 9), 16), ((320, 512), 224), ((16, 16), 16)]
+
+
+@pytest.mark.parametrize(("shape", "size"), TRANSFORM_CASES)
+def test_preprocessing_matches_hpsv2_resize_max_size(shape, size):
+    image = torch.rand(3, *shape, generator=torch.Generator().manual_seed(shape[0] * 1000 + shape[1]))
+    ours = resize_longest_side_and_pad(image[None], size)[0]
+    expected = published_transform(image, size)
+    assert ours.shape == expected.shape == (3, size, size)
+    # The padding is exactly where HPSv2 puts it, and exactly black (0 before the CLIP normalisation).
+    torch.testing.assert_close(ours == 0, expected == 0, rtol=0, atol=0)
+    # Resize kernels agree up to float32-vs-double accumulation (measured max |diff| ~1e-5 at 320x512 -> 140x224).
+    torch.testing.assert_close(ours, expected, rtol=0, atol=5e-5)
+
+
+def test_preprocessing_pads_and_does_not_crop():
+    """A wide frame keeps its whole width (centre-cropping would cut the red bars at both ends)."""
+    image = torch.zeros(1, 3, 8, 32)
+    image[..., 0, :, :4] = 1.0
+    image[..., 0, :, -4:] = 1.0
+    out = resize_longest_side_and_pad(image, 16)  # -> 4 x 16 content, 6 rows of black above and below
+    assert out[0, 0, 6:10, :2].min() > 0.9 and out[0, 0, 6:10, -2:].min() > 0.9
+    assert out[0, :, :6].abs().max() == 0 and out[0, :, 10:].abs().max() == 0
+
+
+def test_score_of_non_square_frames_follows_published_transform(checkpoint, tokenizer_dir):
+    path, state_dict = checkpoint
+    frames = torch.rand(2, 2, 3, 20, 28, generator=torch.Generator().manual_seed(4))
+    scores = make_reward(path, tokenizer_dir).score(frames, PROMPTS)["score"]
+    padded = torch.stack([torch.stack([published_transform(f, IMAGE) for f in video]) for video in frames])
+    expected = reference_score(state_dict, CLIPTokenizer.from_pretrained(tokenizer_dir), padded, PROMPTS)
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_micro_batch_size_does_not_change_scores(checkpoint, tokenizer_dir):

@@ -1,8 +1,9 @@
 """HPSv2 / HPSv2.1 as a differentiable video reward.
 
 score(video, prompt) = mean over sampled frames f of cos(E_img(preprocess(f)), E_txt(prompt)), the number
-HPSv2 reports (no logit scale). Preprocessing is open_clip's eval transform written with torch ops so that
-gradients reach the frames: bicubic resize of the shortest side to 224, center crop 224, OpenAI CLIP mean/std.
+HPSv2 reports (no logit scale). Preprocessing is the transform `hpsv2.score` builds (`light_augmentation=True`
+-> open_clip's `ResizeMaxSize`), written with torch ops so that gradients reach the frames: bicubic resize of the
+LONGEST side to 224, zero (black) padding to 224x224, OpenAI CLIP mean/std. No centre crop.
 """
 
 from __future__ import annotations
@@ -149,15 +150,22 @@ def sample_frame_indices(num_available: int, num_frames: int | str) -> torch.Ten
     return torch.linspace(0, num_available - 1, int(num_frames)).round().long()
 
 
-def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """open_clip eval transform: resize the shortest side to ``size`` (bicubic, antialiased), center crop."""
+def resize_longest_side_and_pad(images: torch.Tensor, size: int) -> torch.Tensor:
+    """HPSv2's ``ResizeMaxSize(size, fill=0)`` on images ``[N, C, H, W]`` in [0, 1].
+
+    As in HPSv2's vendored open_clip: the longest side becomes ``size`` and the other ``round(side * scale)``
+    (Python's round), bicubic on the tensor; then zeros pad to ``size x size``, the odd pixel of a padding going to
+    the right / bottom (``[pad // 2, pad - pad // 2]``). The resize antialiases as torchvision >= 0.17 does for
+    tensors (and PIL always does); torchvision < 0.17 did not antialias tensors by default. HPSv2 skips the pad when
+    the longest side is already ``size``, which leaves a non-square input the model cannot take: we pad it.
+    """
     height, width = images.shape[-2:]
-    scale = size / min(height, width)
-    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+    scale = size / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
     if (new_h, new_w) != (height, width):
         images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return images[..., top : top + size, left : left + size]
+    pad_h, pad_w = size - new_h, size - new_w
+    return F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
 
 
 # ----------------------------------------------------------------------------------------------- reward
@@ -193,7 +201,7 @@ class HPSv2Reward:
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised image embeddings of images ``[N, 3, H, W]`` in [0, 1] (differentiable)."""
-        pixels = (resize_center_crop(images.float(), self.image_size) - self.mean) / self.std
+        pixels = (resize_longest_side_and_pad(images.float(), self.image_size) - self.mean) / self.std
         outputs = []
         for chunk in iter_chunks(len(pixels), self.config.micro_batch_size):
             pooled = self.model.vision_model(pixel_values=pixels[chunk].to(self.dtype)).pooler_output
