@@ -87,7 +87,41 @@ def test_released_reweighting():
     assert pair_weight(0.9, 0.4, 2.0) == pytest.approx(4.0)
     assert pair_weight(0.9, 0.4, 0.5) == pytest.approx(math.sqrt(2))
     assert pair_weight(0.9, 0.4, 1.0, reference=0.36) == pytest.approx(1.0)
-    assert math.isfinite(pair_weight(0.5, -0.1, 1.0))  # clamped product
+
+
+@pytest.mark.parametrize("scores", [(0.5, 0.0), (0.5, -0.1), (-0.2, -0.5), (0.0, 0.0), (0.5, math.nan)])
+def test_a_score_at_or_below_zero_has_no_weight(scores):
+    """Was (0.72 / 1e-6) ** alpha = 720000 for a product <= 0; two negative scores gave a finite, meaningless one."""
+    assert pair_weight(*scores, 1.0) is None
+    assert pair_weight(*scores, 0.0) == 1.0  # alpha 0: every pair weighs 1, nothing to skip
+
+
+def test_weights_are_capped():
+    assert pair_weight(0.1, 0.1, 1.0) == 10.0  # (0.72 / 0.01) = 72, capped at the default max_weight
+    assert pair_weight(0.1, 0.1, 1.0, max_weight=None) == pytest.approx(72.0)
+    assert pair_weight(0.1, 0.1, 0.5, max_weight=100.0) == pytest.approx(math.sqrt(72.0))
+
+
+def test_selection_skips_and_counts_pairs_with_a_score_at_or_below_zero():
+    omni = torch.tensor([[0.9, 0.0], [0.8, -0.2], [0.9, 0.4], [0.7, 0.1]])
+    counts = {}
+    pairs = select_pairs(omni, keep_top_fraction=1.0, alpha=1.0, counts=counts)
+    assert [p.prompt_index for p in pairs] == [2, 3] and counts == {"nonpositive_score": 2}
+    assert [p.weight for p in pairs] == pytest.approx([2.0, 10.0])  # 0.72 / 0.07 = 10.3 -> capped at 10
+    # alpha 0 keeps them all with weight 1; the gap filter is the same whatever alpha is
+    assert [p.weight for p in select_pairs(omni, keep_top_fraction=1.0, alpha=0.0)] == [1.0] * 4
+    assert [p.prompt_index for p in select_pairs(omni, keep_top_fraction=0.5, alpha=1.0)] == []
+    assert [p.prompt_index for p in select_pairs(omni, keep_top_fraction=0.5, alpha=0.0)] == [0, 1]
+
+
+def test_selector_counts_and_reports_skipped_pairs(capsys):
+    config = OmniScoreSelectorConfig(quality={"t.brightness": None}, semantic={}, keep_top_fraction=1.0, alpha=1.0)
+    selector = OmniScoreSelector(config)
+    grid = {"t.brightness": torch.tensor([[0.9, -0.1], [0.9, 0.5]])}
+    assert [p.prompt_index for p in selector.select(grid)] == [1]
+    assert [p.prompt_index for p in selector.select(grid)] == [1]
+    assert selector.counts == {"nonpositive_score": 2}
+    assert capsys.readouterr().err.count("OmniScore <= 0") == 1  # said once, counted every time
 
 
 def test_gap_filter_keeps_top_fraction_and_skips_ties():

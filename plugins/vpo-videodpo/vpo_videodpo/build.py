@@ -55,8 +55,9 @@ def finalise_pair_dataset(directory: str | Path, config: OmniScoreSelectorConfig
     groups = [json.loads(p.read_text()) for p in paths]
     scorer = OmniScore(config)
     omni = [scorer({k: torch.tensor(v, dtype=torch.float64) for k, v in g["scores"].items()}) for g in groups]
+    counts: dict[str, int] = {}
     pairs = select_pairs(omni, config.keep_top_fraction, config.require_mean_split, config.min_gap,
-                         config.alpha, config.weight_reference)
+                         config.alpha, config.weight_reference, config.max_weight, counts)
     chosen = {p.prompt_index: p for p in pairs}
     for i, (path, group) in enumerate(zip(paths, groups)):
         pair = chosen.get(i)
@@ -68,7 +69,8 @@ def finalise_pair_dataset(directory: str | Path, config: OmniScoreSelectorConfig
     for table in ("quality", "semantic"):  # record the ranges actually used (VBench defaults filled in)
         selector[table] = {key: dict(zip(("min", "max", "weight", "divide_by"), (spec or NormSpec()).resolved(key)))
                            for key, spec in getattr(config, table).items()}
-    summary = {"finalised": True, "groups": len(groups), "pairs": len(pairs), "selector": selector}
+    summary = {"finalised": True, "groups": len(groups), "pairs": len(pairs),
+               "skipped_nonpositive_score": counts.get("nonpositive_score", 0), "selector": selector}
     meta["videodpo"] = summary
     _write_json(meta_path, meta)
     return summary
@@ -115,6 +117,8 @@ def run_cli(args) -> int:
         return 2
     resolved = load_spec(args.spec, getattr(args, "plugin_manager", None) or PluginManager(), args.overrides)
     summary = build_videodpo_pairs(resolved, Path(args.out), progress=not args.no_progress)
+    skipped = summary["skipped_nonpositive_score"]
+    note = f"; {skipped} pair(s) skipped: an OmniScore <= 0 has no re-weighting weight" if skipped else ""
     print(f"vpo: {summary['pairs']} pairs from {summary['groups']} prompts written to {args.out} "
-          f"(train with data.pairs: {args.out})")
+          f"(train with data.pairs: {args.out}){note}")
     return 0

@@ -9,19 +9,24 @@ Pair data (``data.pairs``, ``data.pairs_format``):
 * ``vpo``: a dataset built by ``vpo videodpo build-pairs`` (or ``vpo build-pairs``); with ``alpha`` set, the
   stored weights are recomputed from the stored OmniScores.
 * ``videodpo``: the layout VideoDPO released (``vpo_videodpo.videodpo_data``), clips encoded with the
-  policy's VAE and cached.
+  policy's VAE and cached under the run's directory.
+
+Weights: a pair whose OmniScore is <= 0 has no re-weighting weight and is skipped (counted, reported); every
+weight is capped at ``max_weight``, once when computed and again in the loss (stored weights of older builds).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import ClassVar, Optional
 
 from pydantic import Field
 from vpo_core import BuildContext, ObjectiveOutput, PairBatch, PartConfig, SpecError, StepContext, dpo_pair_loss
 
-from .selector import pair_weight
+from .selector import DEFAULT_MAX_WEIGHT, pair_weight
 from .videodpo_data import VideoDPOPairDataset
 
 PAIR_FORMATS = ("vpo", "videodpo")
@@ -39,15 +44,25 @@ class VideoDPOConfig(PartConfig):
     # pair.json "score" ("videodpo"). null: keep the weights stored by the build ("vpo"), 1 ("videodpo").
     alpha: Optional[float] = None
     weight_reference: float = Field(0.72, gt=0)
+    # Cap on a pair's weight (null: none). A pair with an OmniScore (or pair.json score) <= 0 is skipped.
+    max_weight: Optional[float] = Field(DEFAULT_MAX_WEIGHT, gt=0)
     # pairs_format "videodpo": clip decoding. null frames/height/width: the policy's own.
     clip_frames: Optional[int] = Field(None, ge=1)
     clip_stride: int = Field(4, ge=1)
     clip_height: Optional[int] = Field(None, ge=1)
     clip_width: Optional[int] = Field(None, ge=1)
-    # Where encoded latents are cached; null: DATA_DIR/.vpo-latents.
+    # Where encoded latents are cached; null: OUTPUT_DIR/videodpo-latents (the run's directory). Never inside
+    # the data set, which may be read-only or shared.
     cache_dir: Optional[str] = None
     # Drop pairs with a clip shorter than this (seconds, metadata's clip_duration).
     min_clip_duration: float = Field(0.0, ge=0)
+    # clip_path entries must lie inside data.pairs; true also accepts ".." and absolute paths outside it.
+    allow_outside_paths: bool = False
+    # Drop repeated pairs (same winner clip, loser clip and prompt); self-pairs are always dropped.
+    drop_duplicate_pairs: bool = True
+    # Decode every clip that is not cached yet when the data set is opened, so a broken clip stops the run
+    # before training rather than at the step that needs it.
+    validate_clips: bool = True
 
 
 class VideoDPOObjective:
@@ -55,9 +70,16 @@ class VideoDPOObjective:
 
     def __init__(self, config: VideoDPOConfig, context: BuildContext | None = None) -> None:
         self.config = config
+        self.output_dir = context.output_dir if context is not None else None
 
     def loss(self, policy, batch: PairBatch, ctx: StepContext) -> ObjectiveOutput:
-        return dpo_pair_loss(policy, batch, ctx.generator, self.config.beta, self.config.shared_noise)
+        capped = 0
+        if self.config.max_weight is not None:
+            capped = int((batch.weights > self.config.max_weight).sum())
+            batch = dataclasses.replace(batch, weights=batch.weights.clamp(max=self.config.max_weight))
+        out = dpo_pair_loss(policy, batch, ctx.generator, self.config.beta, self.config.shared_noise)
+        out.metrics["weights_capped"] = float(capped)
+        return out
 
     def after_optimizer_step(self, step: int, policy) -> dict[str, float]:
         return {}  # fixed reference: VideoDPO never updates it
@@ -65,18 +87,22 @@ class VideoDPOObjective:
     def open_pair_dataset(self, path: str, format: str, policy):
         c = self.config
         if format == "vpo":
-            return open_vpo_pairs(path, c.alpha, c.weight_reference)
+            return open_vpo_pairs(path, c.alpha, c.weight_reference, c.max_weight)
         if format == "videodpo":
             return VideoDPOPairDataset(path, policy, frames=c.clip_frames, stride=c.clip_stride,
                                        height=c.clip_height, width=c.clip_width, cache_dir=c.cache_dir,
-                                       alpha=c.alpha, weight_reference=c.weight_reference,
-                                       min_clip_duration=c.min_clip_duration)
+                                       output_dir=self.output_dir, alpha=c.alpha, weight_reference=c.weight_reference,
+                                       max_weight=c.max_weight, min_clip_duration=c.min_clip_duration,
+                                       allow_outside_paths=c.allow_outside_paths,
+                                       drop_duplicate_pairs=c.drop_duplicate_pairs, validate_clips=c.validate_clips)
         raise SpecError(f"objective videodpo_dpo reads pairs_format {' or '.join(PAIR_FORMATS)}, not '{format}'",
                         "data.pairs_format")
 
 
-def open_vpo_pairs(path: str | Path, alpha: float | None = None, weight_reference: float = 0.72):
-    """``vpo_core.data.PairDataset``, refused if an OmniScore build was not finalised; re-weighted if asked."""
+def open_vpo_pairs(path: str | Path, alpha: float | None = None, weight_reference: float = 0.72,
+                   max_weight: float | None = DEFAULT_MAX_WEIGHT):
+    """``vpo_core.data.PairDataset``, refused if an OmniScore build was not finalised; re-weighted if asked
+    (pairs with an OmniScore <= 0 are then skipped: ``data.skipped_nonpositive_score`` counts them)."""
     from vpo_core import PairDataset
 
     directory = Path(path)
@@ -87,8 +113,9 @@ def open_vpo_pairs(path: str | Path, alpha: float | None = None, weight_referenc
                         f"gap filter was not applied (an interrupted or plain `vpo build-pairs` build): run "
                         f"`vpo videodpo build-pairs SPEC --out {directory}` to finish it", "data.pairs")
     data = PairDataset(directory)
+    data.skipped_nonpositive_score = 0
     if alpha is not None:
-        omni = {}
+        omni, kept = {}, []
         for record in data.records:
             if record.group not in omni:
                 info = json.loads((directory / "groups" / f"{record.group:06d}.json").read_text())
@@ -98,5 +125,17 @@ def open_vpo_pairs(path: str | Path, alpha: float | None = None, weight_referenc
                                     "objective.alpha")
                 omni[record.group] = info["omniscore"]
             scores = omni[record.group]
-            record.weight = pair_weight(scores[record.winner], scores[record.loser], alpha, weight_reference)
+            record.weight = pair_weight(scores[record.winner], scores[record.loser], alpha, weight_reference,
+                                        max_weight)
+            if record.weight is not None:
+                kept.append(record)
+        data.skipped_nonpositive_score = len(data.records) - len(kept)
+        if not kept:
+            raise SpecError(f"every pair of '{directory}' has an OmniScore <= 0, which has no weight under "
+                            f"objective.alpha = {alpha}; use alpha: 0", "objective.alpha")
+        if data.skipped_nonpositive_score:
+            print(f"vpo: videodpo: skipped {data.skipped_nonpositive_score} of {len(data.records)} pairs of "
+                  f"'{directory}': an OmniScore <= 0 has no weight (weight_reference / (s_w * s_l)) ** {alpha}",
+                  file=sys.stderr)
+        data.records = kept
     return data

@@ -13,13 +13,16 @@ this same function.
 
 Re-weighting as in VideoDPO's released code: pair score = OmniScore(winner) * OmniScore(loser),
 weight = (weight_reference / pair score) ** alpha, alpha = 0 -> weight 1. (The paper's Eq. 3 describes a
-frequency-probability weighting; the released code does this instead.)
+frequency-probability weighting; the released code does this instead.) Two additions, because OmniScores are
+not clipped to [0, 1]: with alpha != 0 a pair with a score <= 0 has no weight (the formula is infinite or
+meaningless there) and is skipped and counted, never clamped; and every weight is capped at ``max_weight``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import sys
+from typing import Optional, Sequence
 
 import torch
 from pydantic import Field
@@ -27,16 +30,24 @@ from vpo_core import BuildContext, Pair
 
 from .omniscore import OmniScore, OmniScoreConfig
 
-# A product of OmniScores at or below 0 (scores outside the normalisation range) would make the weight
-# infinite or complex; it is clamped here.
-MIN_PAIR_SCORE = 1e-6
+# Upper bound of a pair's weight: (0.72 / 0.072) ** 1, i.e. two OmniScores of about 0.27 at alpha 1.
+DEFAULT_MAX_WEIGHT = 10.0
 
 
-def pair_weight(score_winner: float, score_loser: float, alpha: float, reference: float = 0.72) -> float:
-    """VideoDPO's released re-weighting: ``(reference / (s_w * s_l)) ** alpha``; 1 when alpha is 0."""
+def pair_weight(score_winner: float, score_loser: float, alpha: float, reference: float = 0.72,
+                max_weight: float | None = DEFAULT_MAX_WEIGHT) -> float | None:
+    """VideoDPO's released re-weighting ``(reference / (s_w * s_l)) ** alpha``, capped at ``max_weight``.
+
+    1 when alpha is 0. None when alpha != 0 and a score is not positive (or NaN): the weight is undefined there,
+    the caller skips the pair and counts it. (Two negative scores would give a positive product whose weight
+    means nothing, hence the test on each score.)
+    """
     if alpha == 0:
         return 1.0
-    return (reference / max(score_winner * score_loser, MIN_PAIR_SCORE)) ** alpha
+    if not (score_winner > 0 and score_loser > 0):
+        return None
+    weight = (reference / (score_winner * score_loser)) ** alpha
+    return weight if max_weight is None else min(weight, max_weight)
 
 
 def dropped_count(n: int, keep_top_fraction: float) -> int:
@@ -46,12 +57,15 @@ def dropped_count(n: int, keep_top_fraction: float) -> int:
 
 def select_pairs(omni: torch.Tensor | Sequence[torch.Tensor], keep_top_fraction: float = 0.75,
                  require_mean_split: bool = False, min_gap: float = 0.0, alpha: float = 0.0,
-                 weight_reference: float = 0.72) -> list[Pair]:
+                 weight_reference: float = 0.72, max_weight: float | None = DEFAULT_MAX_WEIGHT,
+                 counts: dict | None = None) -> list[Pair]:
     """Best-vs-worst pairs from OmniScores: ``omni[p]`` holds prompt p's candidates (rows may differ in length).
 
     Ties: the first best and first worst candidate are taken; a prompt whose gap is <= ``min_gap`` (all equal
     when min_gap is 0) gives no pair. Pairs with equal gaps are dropped in prompt order. The mean of the mean
-    split is over every video of every row given (one call of the selector, or the whole dataset).
+    split is over every video of every row given (one call of the selector, or the whole dataset). Last, with
+    alpha != 0, pairs with a non-positive score are skipped (after the gap filter, so the filter keeps the same
+    pairs whatever alpha is); their number is added to ``counts["nonpositive_score"]`` when ``counts`` is given.
     """
     rows = [torch.as_tensor(row).detach().double().reshape(-1) for row in omni]
     rows = [row if torch.isfinite(row).all() else row[:0] for row in rows]  # non-finite rows make no pair
@@ -71,8 +85,17 @@ def select_pairs(omni: torch.Tensor | Sequence[torch.Tensor], keep_top_fraction:
         candidates.append((gap, p, winner, loser, s_w, s_l))
     drop = dropped_count(len(candidates), keep_top_fraction)
     dropped = {c[1] for c in sorted(candidates, key=lambda c: (c[0], c[1]))[:drop]}
-    return [Pair(p, w, l, pair_weight(s_w, s_l, alpha, weight_reference), gap)
-            for gap, p, w, l, s_w, s_l in candidates if p not in dropped]
+    pairs = []
+    for gap, p, w, l, s_w, s_l in candidates:
+        if p in dropped:
+            continue
+        weight = pair_weight(s_w, s_l, alpha, weight_reference, max_weight)
+        if weight is None:
+            if counts is not None:
+                counts["nonpositive_score"] = counts.get("nonpositive_score", 0) + 1
+            continue
+        pairs.append(Pair(p, w, l, weight, gap))
+    return pairs
 
 
 class OmniScoreSelectorConfig(OmniScoreConfig):
@@ -84,17 +107,25 @@ class OmniScoreSelectorConfig(OmniScoreConfig):
     require_mean_split: bool = False
     # A pair needs gap > min_gap (0: only exact ties are dropped).
     min_gap: float = Field(0.0, ge=0)
-    # Re-weighting exponent (0: every weight 1) and its reference pair score.
+    # Re-weighting exponent (0: every weight 1) and its reference pair score. With alpha != 0 a pair with an
+    # OmniScore <= 0 is skipped (counted); weights are capped at max_weight (null: no cap).
     alpha: float = 0.0
     weight_reference: float = Field(0.72, gt=0)
+    max_weight: Optional[float] = Field(DEFAULT_MAX_WEIGHT, gt=0)
 
 
 class OmniScoreSelector:
     def __init__(self, config: OmniScoreSelectorConfig, context: BuildContext | None = None) -> None:
         self.config = config
         self.omniscore = OmniScore(config)
+        self.counts: dict[str, int] = {}  # pairs skipped so far, by reason
 
     def select(self, scores: dict[str, torch.Tensor]) -> list[Pair]:
         c = self.config
-        return select_pairs(self.omniscore(scores), c.keep_top_fraction, c.require_mean_split, c.min_gap,
-                            c.alpha, c.weight_reference)
+        before = self.counts.get("nonpositive_score", 0)
+        pairs = select_pairs(self.omniscore(scores), c.keep_top_fraction, c.require_mean_split, c.min_gap,
+                             c.alpha, c.weight_reference, c.max_weight, self.counts)
+        if before == 0 and self.counts.get("nonpositive_score", 0):  # once per run: the count is in .counts
+            print(f"vpo: omniscore selector: skipping pairs with an OmniScore <= 0 (their weight "
+                  f"(weight_reference / (s_w * s_l)) ** {c.alpha} is undefined)", file=sys.stderr)
+        return pairs

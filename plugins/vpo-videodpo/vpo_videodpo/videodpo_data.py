@@ -14,6 +14,17 @@ Clips are decoded with PyAV: ``frames`` frames every ``stride`` frames from the 
 is too short for the stride, as VideoDPO does), resized to the policy's resolution with ``F.interpolate``,
 encoded with ``policy.encode`` and cached as safetensors, so each clip is encoded once.
 
+Checked when the data set is opened, before any training step:
+* both JSON files are non-empty lists whose entries have the fields above with the right types, and every
+  index lies inside metadata.json; each error names the file and the entry (``pair.json[12]``);
+* ``clip_path`` lies inside ``data.pairs`` (after resolving ``..``; symbolic links placed inside the data set
+  are the data set's own business and are followed) unless ``allow_outside_paths``;
+* every clip exists, and every clip a pair uses and the cache does not hold yet decodes to enough frames;
+* self-pairs (both sides the same clip file) are dropped, and so are repeated pairs (same winner clip, loser
+  clip and prompt) unless ``drop_duplicate_pairs`` is false; the counts are printed and kept in ``dropped``.
+The latent cache goes to ``cache_dir``, else the run's directory, else the user's cache directory, and is
+refused inside the data set, which may be read-only or shared.
+
 Where this differs from the released loader, on purpose:
 * indices are per directory and never shift: the released loader drops clips shorter than ``clip_length``
   from its video list but keeps indexing it with pair.json's indices (so one dropped clip mislabels every
@@ -21,7 +32,8 @@ Where this differs from the released loader, on purpose:
   pair whose clip is shorter than ``min_clip_duration`` is dropped instead.
 * the clip window starts at frame 0 (the released loader picks a random start each time), so the cached
   latents are the clip's latents.
-* a pair without ``score`` gets weight 1 under re-weighting (the released loader uses score 1, i.e. 0.72**alpha).
+* a pair without ``score`` gets weight 1 under re-weighting (the released loader uses score 1, i.e. 0.72**alpha);
+  a pair whose ``score`` is <= 0 has no weight and is dropped (counted) when ``alpha`` is set.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,16 +50,25 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from vpo_core import PairBatch, SpecError, VpoError
 
-from .selector import pair_weight
+from .selector import DEFAULT_MAX_WEIGHT, pair_weight
 
 VIDEODPO_FRAMES = 16  # VideoDPO trains on 16 frames at stride 4
+ENTRY_FORMAT = {
+    "metadata.json": "{basic: {clip_path: str, clip_duration: seconds, globalidx}, misc: {frame_caption: [prompt]}}",
+    "pair.json": "{video1: winner index, video2: loser index, label, frame_caption: prompt, score?, diff_score?}",
+}
+DROP_REASONS = {"self_pair": "self-pairs (video1 and video2 are the same clip)",
+                "duplicate": "repeated pairs (same winner, loser and prompt)",
+                "short_clip": "pairs with a clip shorter than min_clip_duration",
+                "nonpositive_score": "pairs whose score is <= 0 (no re-weighting weight)"}
 
 
 @dataclass
 class Clip:
     path: Path
-    prompt: str
+    prompt: str | None
     duration: float | None
+    entry: str  # "DIR/metadata.json[i]", for messages
 
 
 @dataclass
@@ -80,15 +102,52 @@ def find_layout_dirs(path: str | Path) -> list[Path]:
 def _read_json_list(path: Path) -> list:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SpecError(f"cannot read '{path}': {exc}", "data.pairs") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise SpecError(f"cannot read '{path}' as JSON: {exc}", "data.pairs") from None
     if not isinstance(data, list):
-        raise SpecError(f"'{path}' must hold a JSON list, got {type(data).__name__}", "data.pairs")
+        raise SpecError(f"'{path}' must hold a JSON list of {ENTRY_FORMAT[path.name]}, got "
+                        f"{type(data).__name__}", "data.pairs")
+    if not data:
+        raise SpecError(f"'{path}' is an empty list: expected entries {ENTRY_FORMAT[path.name]}", "data.pairs")
     return data
 
 
-def _caption(value) -> str:
-    return str(value[0] if isinstance(value, list) else value)
+def _caption(value) -> str | None:
+    """A prompt from ``"text"`` or ``["text", ...]``; None when absent or not text."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _entry_error(where: str, problem: str, file: str) -> SpecError:
+    return SpecError(f"{where}: {problem}; expected {ENTRY_FORMAT[file]}", "data.pairs")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or path.is_relative_to(root)
+
+
+def user_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vpo" / "videodpo-latents"
+
+
+def latent_cache_root(cache_dir: str | Path | None, output_dir: str | Path | None, data_root: Path) -> Path:
+    """``cache_dir``, else OUTPUT_DIR/videodpo-latents, else the user cache; never inside the data set."""
+    if cache_dir:
+        root = Path(cache_dir).expanduser()
+    elif output_dir:
+        root = Path(output_dir) / "videodpo-latents"
+    else:
+        root = user_cache_dir()
+    if _inside(Path(os.path.realpath(root)), Path(os.path.realpath(data_root))):
+        raise SpecError(f"the latent cache '{root}' would be written inside the input data set '{data_root}', "
+                        f"which may be read-only or shared; set objective.cache_dir (or output_dir) to a "
+                        f"directory outside it", "objective.cache_dir")
+    return root
 
 
 def policy_geometry(policy) -> tuple[int | None, int | None, int | None]:
@@ -102,12 +161,14 @@ def policy_geometry(policy) -> tuple[int | None, int | None, int | None]:
 
 
 class VideoDPOPairDataset:
-    """``len(ds)`` pairs; ``ds.batch(indices) -> PairBatch`` of cached VAE latents."""
+    """``len(ds)`` pairs; ``ds.batch(indices) -> PairBatch`` of cached VAE latents. Every check runs here."""
 
     def __init__(self, path: str | Path, policy, *, frames: int | None = None, stride: int = 4,
                  height: int | None = None, width: int | None = None, cache_dir: str | Path | None = None,
-                 alpha: float | None = None, weight_reference: float = 0.72,
-                 min_clip_duration: float = 0.0) -> None:
+                 output_dir: str | Path | None = None, alpha: float | None = None, weight_reference: float = 0.72,
+                 max_weight: float | None = DEFAULT_MAX_WEIGHT, min_clip_duration: float = 0.0,
+                 allow_outside_paths: bool = False, drop_duplicate_pairs: bool = True,
+                 validate_clips: bool = True) -> None:
         self.policy = policy
         p_frames, p_height, p_width = policy_geometry(policy)
         self.frames = frames or p_frames or VIDEODPO_FRAMES
@@ -116,55 +177,134 @@ class VideoDPOPairDataset:
         if not (self.height and self.width):
             raise SpecError("cannot tell the policy's resolution: set objective.clip_height and "
                             "objective.clip_width", "objective")
-        self.dirs = find_layout_dirs(path)
+        self.root = Path(os.path.abspath(path))
+        self.dirs = find_layout_dirs(self.root)
+        self.allow_outside_paths = allow_outside_paths
         self.clips: list[Clip] = []
         self.pairs: list[VideoPair] = []
-        self.dropped_short = 0
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+        self._examples: dict[str, str] = {}  # first dropped entry per reason, for the report
+        seen: dict[tuple, str] = {}
         for d in self.dirs:
-            self._read_dir(d, alpha, weight_reference, min_clip_duration)
+            self._read_dir(d, alpha, weight_reference, max_weight, min_clip_duration, drop_duplicate_pairs, seen)
+        self._report()
         if not self.pairs:
             raise SpecError(f"VideoDPO pair dataset '{path}' holds no usable pairs", "data.pairs")
-        self.cache = self._cache_dir(Path(cache_dir) if cache_dir else self.dirs[0] / ".vpo-latents")
+        self.cache = self._cache_dir(latent_cache_root(cache_dir, output_dir, self.root))
+        if validate_clips:
+            self.validate_clips()
 
-    def _read_dir(self, d: Path, alpha: float | None, reference: float, min_duration: float) -> None:
-        offset = len(self.clips)
-        metadata = _read_json_list(d / "metadata.json")
-        missing = []
-        for i, item in enumerate(metadata):
-            try:
-                basic = item["basic"]
-                clip = Clip(d / basic["clip_path"], _caption(item.get("misc", {}).get("frame_caption", [""])),
-                            basic.get("clip_duration"))
-            except (KeyError, TypeError, IndexError):
-                raise SpecError(f"{d / 'metadata.json'}[{i}]: expected {{basic: {{clip_path, clip_duration, "
-                                f"globalidx}}, misc: {{frame_caption: [prompt]}}}}", "data.pairs") from None
-            if not clip.path.is_file():
-                missing.append(str(clip.path))
-            self.clips.append(clip)
-        if missing:
-            raise SpecError(f"{len(missing)} clip(s) listed in {d / 'metadata.json'} do not exist, e.g. "
-                            f"{missing[:3]}", "data.pairs")
-        for i, item in enumerate(_read_json_list(d / "pair.json")):
-            try:
-                winner, loser = int(item["video1"]), int(item["video2"])
-            except (KeyError, TypeError, ValueError):
-                raise SpecError(f"{d / 'pair.json'}[{i}]: expected integer 'video1' (winner) and 'video2' "
-                                f"(loser)", "data.pairs") from None
-            for index in (winner, loser):
-                if not 0 <= index < len(metadata):
-                    raise SpecError(f"{d / 'pair.json'}[{i}]: video index {index} is outside metadata.json "
-                                    f"(0..{len(metadata) - 1})", "data.pairs")
-            durations = [self.clips[offset + j].duration for j in (winner, loser)]
-            if any(t is not None and t < min_duration for t in durations):
-                self.dropped_short += 1
-                continue
-            prompt = _caption(item["frame_caption"]) if "frame_caption" in item else self.clips[offset + winner].prompt
+    # ------------------------------------------------------------------------------------------- reading
+    def _read_dir(self, d: Path, alpha: float | None, reference: float, max_weight: float | None,
+                  min_duration: float, drop_duplicates: bool, seen: dict[tuple, str]) -> None:
+        offset = self._read_metadata(d)
+        count = len(self.clips) - offset
+        pair_file = d / "pair.json"
+        for i, item in enumerate(_read_json_list(pair_file)):
+            where = f"{pair_file}[{i}]"
+            if not isinstance(item, dict):
+                raise _entry_error(where, f"not an object ({type(item).__name__})", "pair.json")
+            indices = []
+            for field in ("video1", "video2"):
+                value = item.get(field)
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise _entry_error(where, f"'{field}' must be an integer index into metadata.json, got "
+                                              f"{value!r}", "pair.json")
+                if not 0 <= value < count:
+                    raise SpecError(f"{where}: {field} = {value} is outside {d / 'metadata.json'} "
+                                    f"(0..{count - 1})", "data.pairs")
+                indices.append(offset + value)
+            winner, loser = indices
+            for field in ("score", "diff_score"):
+                if item.get(field) is not None and not _number(item[field]):
+                    raise _entry_error(where, f"'{field}' must be a number, got {item[field]!r}", "pair.json")
+            prompt = _caption(item.get("frame_caption"))
+            if prompt is None and "frame_caption" in item:
+                raise _entry_error(where, f"'frame_caption' must be a prompt or [prompt], got "
+                                          f"{item['frame_caption']!r}", "pair.json")
+            prompt = prompt or self.clips[winner].prompt
+            if prompt is None:
+                raise _entry_error(where, f"no prompt: neither the pair's frame_caption nor "
+                                          f"{self.clips[winner].entry}'s misc.frame_caption", "pair.json")
+            identity = (self._identity(winner), self._identity(loser), prompt)
+            reason = None
+            if identity[0] == identity[1]:
+                reason = "self_pair"
+            elif drop_duplicates and identity in seen:
+                reason, where = "duplicate", f"{where} repeats {seen[identity]}"
+            elif any(self.clips[j].duration is not None and self.clips[j].duration < min_duration
+                     for j in (winner, loser)):
+                reason = "short_clip"
             weight = 1.0
-            if alpha is not None and item.get("score") is not None:
+            if reason is None and alpha is not None and item.get("score") is not None:
                 # "score" already is s_w * s_l: pair_weight(score, 1) == (reference / score) ** alpha
-                weight = pair_weight(float(item["score"]), 1.0, alpha, reference)
-            self.pairs.append(VideoPair(offset + winner, offset + loser, prompt, weight,
-                                        float(item.get("diff_score", 0.0))))
+                weight = pair_weight(float(item["score"]), 1.0, alpha, reference, max_weight)
+                reason = "nonpositive_score" if weight is None else None
+            if reason is not None:
+                self.dropped[reason] += 1
+                self._examples.setdefault(reason, where)
+                continue
+            seen.setdefault(identity, where)
+            self.pairs.append(VideoPair(winner, loser, prompt, weight, float(item.get("diff_score") or 0.0)))
+
+    def _read_metadata(self, d: Path) -> int:
+        """Append ``d``'s clips to ``self.clips``; returns the offset of its first clip."""
+        offset = len(self.clips)
+        meta_file = d / "metadata.json"
+        missing, outside = [], []
+        for i, item in enumerate(_read_json_list(meta_file)):
+            where = f"{meta_file}[{i}]"
+            basic = item.get("basic") if isinstance(item, dict) else None
+            clip_path = basic.get("clip_path") if isinstance(basic, dict) else None
+            if not isinstance(clip_path, str) or not clip_path:
+                raise _entry_error(where, "no basic.clip_path string", "metadata.json")
+            duration = basic.get("clip_duration")
+            if duration is not None and not _number(duration):
+                raise _entry_error(where, f"basic.clip_duration must be seconds, got {duration!r}", "metadata.json")
+            misc = item.get("misc")
+            caption = _caption(misc.get("frame_caption")) if isinstance(misc, dict) else None
+            path = Path(os.path.abspath(d / clip_path))  # ".." resolved; an absolute clip_path stays as it is
+            if not self.allow_outside_paths and not _inside(path, self.root):
+                outside.append(f"{where}: {clip_path!r}")
+            elif not path.is_file():
+                missing.append(f"{where}: {clip_path!r}")
+            self.clips.append(Clip(path, caption, duration, where))
+        if outside:
+            raise SpecError(f"{len(outside)} clip_path entr{'y' if len(outside) == 1 else 'ies'} point outside the "
+                            f"data set directory '{self.root}': {'; '.join(outside[:3])}. Move the clips into it, "
+                            f"or set objective.allow_outside_paths: true if you trust this metadata.json",
+                            "data.pairs")
+        if missing:
+            raise SpecError(f"{len(missing)} clip(s) listed in {meta_file} do not exist: {'; '.join(missing[:3])}",
+                            "data.pairs")
+        return offset
+
+    def _identity(self, clip: int) -> str:
+        return os.path.realpath(self.clips[clip].path)  # two entries naming one file are one clip
+
+    def _report(self) -> None:
+        parts = [f"{n} {DROP_REASONS[k]}, e.g. {self._examples[k]}" for k, n in self.dropped.items() if n]
+        if parts:
+            print(f"vpo: videodpo pairs in '{self.root}': kept {len(self.pairs)}, dropped " + "; ".join(parts),
+                  file=sys.stderr)
+
+    def validate_clips(self) -> None:
+        """Decode every clip a pair uses that is not cached yet; one error lists every clip that fails."""
+        used = sorted({j for p in self.pairs for j in (p.winner, p.loser)})
+        failures, checked = [], set()
+        for j in used:
+            cached = self._cache_file(j)
+            if cached in checked or cached.exists():
+                continue
+            checked.add(cached)
+            try:
+                self._decode(j)
+            except VpoError as exc:
+                failures.append(f"{self.clips[j].entry}: {exc}")
+        if failures:
+            raise SpecError(f"{len(failures)} clip(s) of '{self.root}' cannot be used: " + "; ".join(failures[:5])
+                            + (f"; ... {len(failures) - 5} more" if len(failures) > 5 else "")
+                            + ". Fix or remove these clips or the pairs that use them", "data.pairs")
 
     def _cache_dir(self, root: Path) -> Path:
         """A sub-directory per (policy, model, clip geometry): latents of another VAE are never reused."""
@@ -190,17 +330,19 @@ class VideoDPOPairDataset:
         name = hashlib.sha1(str(self.clips[clip].path.resolve()).encode()).hexdigest()[:20]
         return self.cache / f"{name}.safetensors"
 
-    def read_frames(self, clip: int) -> torch.Tensor:
-        """Clip -> ``[T, C, H, W]`` in [0, 1] at the policy's resolution."""
+    def _decode(self, clip: int) -> torch.Tensor:
         path = self.clips[clip].path
         try:
-            video = read_clip(path, self.frames, self.stride)
+            return read_clip(path, self.frames, self.stride)
         except VpoError:
             raise
         except Exception as exc:  # PyAV: not a video, truncated file
             raise VpoError(f"cannot decode clip '{path}': {type(exc).__name__}: {exc}") from None
-        video = F.interpolate(video, size=(self.height, self.width), mode="bilinear", align_corners=False,
-                              antialias=True)
+
+    def read_frames(self, clip: int) -> torch.Tensor:
+        """Clip -> ``[T, C, H, W]`` in [0, 1] at the policy's resolution."""
+        video = F.interpolate(self._decode(clip), size=(self.height, self.width), mode="bilinear",
+                              align_corners=False, antialias=True)
         return video.clamp(0, 1)
 
     def latents(self, clip: int) -> torch.Tensor:
