@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from importlib.metadata import entry_points
+
+import numpy as np
 
 import pytest
 import torch
@@ -350,3 +353,92 @@ def test_uniform_gray_frames_are_scored(reward):
     # normalized to exactly 0, which transformers would otherwise take for batch-padding images and drop
     scores = reward.score(torch.full((1, 4, 3, 28, 28), 0.5), PROMPTS[:1])
     assert torch.isfinite(scores["visual_quality"]).all()
+
+
+# ------------------------------------------------------------------------------------------ frame sampling
+def release_idefics2_indices(total, max_num_frames):
+    """examples/run_videoscore.py (TIGER-AI-Lab/VideoScore), transcribed."""
+    if total > max_num_frames:
+        return np.arange(0, total, total / max_num_frames).astype(int).tolist()
+    return np.arange(total).tolist()
+
+
+def release_qwen_nframes(total, video_fps, fps=8.0):
+    """qwen_vl_utils 0.0.8 smart_nframes with {"fps": 8.0} (VideoScore's Qwen2-VL example), transcribed."""
+    def round_by_factor(number, factor):
+        return round(number / factor) * factor
+
+    def ceil_by_factor(number, factor):
+        return math.ceil(number / factor) * factor
+
+    def floor_by_factor(number, factor):
+        return math.floor(number / factor) * factor
+
+    min_frames = ceil_by_factor(4, 2)
+    max_frames = floor_by_factor(min(768, total), 2)
+    nframes = total / video_fps * fps
+    nframes = min(max(nframes, min_frames), max_frames)
+    nframes = round_by_factor(nframes, 2)
+    if not (2 <= nframes <= total):
+        raise ValueError(f"nframes should in interval [2, {total}], but got {nframes}.")
+    return nframes
+
+
+def release_qwen_indices(total, video_fps):
+    return torch.linspace(0, total - 1, release_qwen_nframes(total, video_fps)).round().long().tolist()
+
+
+@pytest.mark.parametrize("video_fps", [8.0, 24.0, 30.0, 4.0, 12.5, 16.0])
+@pytest.mark.parametrize("total", [2, 3, 5, 9, 16, 17, 33, 49, 97, 121, 400, 2000])
+def test_qwen2vl_samples_frames_at_8_fps_as_the_release(total, video_fps):
+    from vpo_videoscore.qwen2_vl import frame_indices
+
+    assert frame_indices(total, video_fps) == release_qwen_indices(total, video_fps)
+
+
+def test_qwen2vl_frame_counts_and_edge_cases():
+    from vpo_videoscore.qwen2_vl import frame_indices
+
+    assert len(frame_indices(49, 8.0)) == 48  # CogVideoX's 49 frames at 8 fps: 48 frames, not 16
+    assert frame_indices(49, 24.0) == [0, 3, 6, 10, 13, 16, 19, 22, 26, 29, 32, 35, 38, 42, 45, 48]
+    assert len(frame_indices(2000, 8.0)) == 768  # the release's cap
+    assert frame_indices(1, 8.0) == [0]  # the release refuses a 1-frame clip; it is fed whole
+    # an explicit count takes the release's "nframes" path: rounded to even, linspace
+    assert frame_indices(9, 8.0, num_frames=4) == torch.linspace(0, 8, 4).round().long().tolist()
+    assert frame_indices(9, 8.0, num_frames=5) == frame_indices(9, 8.0, num_frames=4)  # round(2.5) = 2 -> 4
+    assert frame_indices(5, 8.0, num_frames=40) == [0, 1, 3, 4]  # more than exist: as many (even) as exist
+
+
+@pytest.mark.parametrize("max_frames", [16, 48, 7])
+def test_idefics2_samples_frames_as_the_release(max_frames):
+    from vpo_videoscore.idefics2 import frame_indices
+
+    for total in range(1, 500):
+        assert frame_indices(total, max_frames) == release_idefics2_indices(total, max_frames), total
+    assert frame_indices(208, 48)[27] == 116  # numpy's float steps, not floor(27 * 208 / 48) = 117
+
+
+def test_default_frames_per_variant(qwen_dir, tmp_path):
+    v1_dir = write_idefics2_checkpoint(tmp_path / "VideoScore", latents=2)
+    assert build(VideoScoreConfig(model=str(v1_dir)), CTX).frame_indices(49) == release_idefics2_indices(49, 16)
+    v11_dir = write_idefics2_checkpoint(tmp_path / "VideoScore-v1.1", latents=2)
+    assert build(VideoScoreConfig(model=str(v11_dir)), CTX).frame_indices(97) == release_idefics2_indices(97, 48)
+    qwen = build(VideoScoreConfig(model=str(qwen_dir)), CTX)
+    assert qwen.num_frames is None and qwen.frame_indices(49) == release_qwen_indices(49, 8.0)
+    qwen24 = build(VideoScoreConfig(model=str(qwen_dir), video_fps=24), CTX)
+    assert qwen24.frame_indices(49) == release_qwen_indices(49, 24.0)
+
+
+def test_qwen2vl_scores_the_frames_the_release_would(qwen_dir):
+    """Only the frames of the 8-fps rule reach the model (gradient) and they alone decide the scores."""
+    reward = build(VideoScoreConfig(model=str(qwen_dir), video_fps=24, min_pixels=56 * 56, max_pixels=56 * 56), CTX)
+    frames = frames_uint8(1, 9, 56, 56, seed=8).requires_grad_(True)
+    expected = release_qwen_indices(9, 24.0)  # 9 / 24 * 8 = 3 -> at least 4 -> [0, 3, 5, 8]
+    assert expected == [0, 3, 5, 8]
+    scores = reward.score(frames, PROMPTS[:1])
+    scores["visual_quality"].sum().backward()
+    used = (frames.grad.abs().sum(dim=(0, 2, 3, 4)) > 0).nonzero().flatten().tolist()
+    assert used == expected
+    picked = reward.score(frames.detach()[:, expected], PROMPTS[:1])  # 4 frames at 8 fps: all of them kept
+    assert reward.frame_indices(4) == [0, 1, 2, 3]
+    torch.testing.assert_close(picked["visual_quality"], scores["visual_quality"].detach())

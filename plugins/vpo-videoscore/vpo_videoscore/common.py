@@ -119,14 +119,6 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.bool()).argmax(-1)
 
 
-def uniform_frame_indices(total: int, num_frames: int) -> list[int]:
-    """Frames kept from a clip, as the official example samples them: all when the clip is short enough,
-    else ``num_frames`` evenly spaced ones starting at the first frame."""
-    if total <= num_frames:
-        return list(range(total))
-    return [int(i * total / num_frames) for i in range(num_frames)]
-
-
 def right_pad(rows: list[list[int]], pad_id: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows -> (input_ids, attention_mask), padded on the right so that the positions of real tokens
     equal those of the unpadded row (a micro-batch scores like one sample at a time)."""

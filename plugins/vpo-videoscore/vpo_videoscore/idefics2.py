@@ -12,6 +12,7 @@ They follow what ``Idefics2Processor`` does for the published processor config (
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -69,6 +70,17 @@ def expand_image_tokens(text: str, image_seq_len: int) -> str:
     image_str = f"{FAKE_IMAGE_TOKEN}{IMAGE_TOKEN * image_seq_len}{FAKE_IMAGE_TOKEN}"
     text = text.replace(IMAGE_TOKEN, image_str).replace(FAKE_IMAGE_TOKEN * 2, FAKE_IMAGE_TOKEN)
     return re.sub(rf"{re.escape(FAKE_IMAGE_TOKEN)}(?=[^\s<])", f"{FAKE_IMAGE_TOKEN} ", text)
+
+
+def frame_indices(total: int, num_frames: int) -> list[int]:
+    """Frames the official example (examples/run_videoscore.py) feeds: every frame of a clip of at most
+    ``num_frames``, else ``np.arange(0, total, total / num_frames).astype(int)`` -- float steps, so frame
+    116 rather than 117 at i = 27 of 208 / 48, and num_frames + 1 frames for a few (total, num_frames) other
+    than the published 16 and 48 (computed here exactly as numpy does, start + i * step in float64)."""
+    if total <= num_frames:
+        return list(range(total))
+    step = total / num_frames
+    return [int(i * step) for i in range(math.ceil(total / step))]
 
 
 def build_prompt(prompt: str, num_frames: int) -> str:

@@ -15,6 +15,9 @@ It follows the official example (``qwen_vl_utils.fetch_video`` + ``Qwen2VLProces
 with bicubic antialias to a multiple of ``patch_size * merge_size`` inside the pixel budget, rescale,
 CLIP mean/std, group ``temporal_patch_size`` frames per patch, and one ``<|video_pad|>`` per merged patch in
 Qwen2-VL's chat template.
+
+Frames are chosen as the official example does (``"fps": 8.0`` through ``qwen_vl_utils`` 0.0.8, the release
+current when VideoScore-Qwen2-VL was published in November 2024): ``frame_indices`` below.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ KEY_MAPPING = {
 # qwen_vl_utils' per-frame pixel budget for videos (VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS).
 VIDEO_MIN_PIXELS = 128 * 28 * 28
 VIDEO_MAX_PIXELS = 768 * 28 * 28
+# qwen_vl_utils 0.0.8 frame sampling, with the rate the VideoScore example asks for.
+SAMPLE_FPS = 8.0  # FPS in TIGER-AI-Lab/VideoScore examples/run_videoscore_qwen2_vl.py
+FRAME_FACTOR, FPS_MIN_FRAMES, FPS_MAX_FRAMES = 2, 4, 768
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -66,6 +72,28 @@ class Qwen2VLForSequenceClassification(Qwen2VLPreTrainedModel):
         ).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return self.score(hidden[rows, last_token_index(attention_mask)])
+
+
+def frame_indices(total: int, video_fps: float, num_frames: int | None = None) -> list[int]:
+    """Frames of a ``total``-frame clip at ``video_fps`` that ``qwen_vl_utils`` 0.0.8 feeds the model.
+
+    ``smart_nframes``: n = round_by_factor(total / video_fps * SAMPLE_FPS, 2), first clamped to
+    [4, floor_by_factor(min(768, total), 2)] (or n = round_by_factor(num_frames, 2) when a count is given, its
+    ``nframes`` option); then frames ``linspace(0, total - 1, n).round()`` (float32, ties to even). Releases from
+    0.0.10 floor instead of rounding; the two agree whenever the clamp to the clip's length applies. Where the
+    release refuses a clip (n outside [2, total]) we clamp n into that range, and a clip of one frame is fed whole.
+    """
+    if num_frames is not None:
+        n = round(num_frames / FRAME_FACTOR) * FRAME_FACTOR
+    else:
+        min_frames = math.ceil(FPS_MIN_FRAMES / FRAME_FACTOR) * FRAME_FACTOR
+        max_frames = math.floor(min(FPS_MAX_FRAMES, total) / FRAME_FACTOR) * FRAME_FACTOR
+        n = min(max(total / video_fps * SAMPLE_FPS, min_frames), max_frames)
+        n = round(n / FRAME_FACTOR) * FRAME_FACTOR
+    n = min(max(n, FRAME_FACTOR), total // FRAME_FACTOR * FRAME_FACTOR)
+    if n < FRAME_FACTOR:
+        return list(range(total))
+    return torch.linspace(0, total - 1, n, dtype=torch.float32).round().long().tolist()
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

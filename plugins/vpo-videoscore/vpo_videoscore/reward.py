@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
-from vpo_core import BuildContext, PartConfig, iter_chunks
+from vpo_core import BuildContext, RewardConfig, iter_chunks
 
 from . import idefics2, qwen2_vl
-from .common import DIMENSIONS, CheckpointError, check_source, read_json, uniform_frame_indices
+from .common import DIMENSIONS, CheckpointError, check_source, read_json
 
 # config.json model_type -> (variant, architecture the published checkpoint declares)
 VARIANTS = {
@@ -20,15 +20,21 @@ SCORERS = {"idefics2": idefics2.Idefics2Scorer, "qwen2vl": qwen2_vl.Qwen2VLScore
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class VideoScoreConfig(PartConfig):
+class VideoScoreConfig(RewardConfig):
+    differentiable: ClassVar[bool] = True
+
     """Config of the ``videoscore`` reward (see the plugin README for a spec example)."""
 
     model: str = "TIGER-Lab/VideoScore-v1.1"
     revision: str | None = None
     # "auto": read from config.json (model_type idefics2 -> VideoScore/-v1.1, qwen2_vl -> VideoScore-Qwen2-VL).
     variant: Literal["auto", "idefics2", "qwen2vl"] = "auto"
-    # Frames sampled uniformly from each clip. None: 48 for a model named *v1.1*, else 16.
+    # Frames per clip, sampled as each release does. None: 48 for an Idefics2 model named *v1.1*, 16 for the
+    # other Idefics2 (v1); Qwen2-VL: the release's 8-fps rule, which needs video_fps.
     num_frames: int | None = Field(default=None, ge=1)
+    # Qwen2-VL only: frames per second of the policy's videos (CogVideoX: 8; Open-Sora v1.2: 24). The release
+    # samples 8 frames per second of video, so this decides how many frames the model sees.
+    video_fps: float = Field(default=8.0, gt=0)
     dimensions: list[str] | Literal["all"] = "all"
     # When set, the reward also returns "weighted" = sum_d weights[d] * score_d.
     weights: dict[str, float] | None = None
@@ -73,6 +79,9 @@ class VideoScoreConfig(PartConfig):
             raise ValueError(f"min_pixels ({self.min_pixels}) exceeds max_pixels ({self.max_pixels})")
         return self
 
+    def score_dimensions(self) -> list[str]:
+        return [*self.selected_dimensions(), *(["weighted"] if self.weights else [])]
+
     def selected_dimensions(self) -> tuple[str, ...]:
         return DIMENSIONS if self.dimensions == "all" else tuple(self.dimensions)
 
@@ -99,10 +108,12 @@ def detect_variant(model: str, revision: str | None, requested: str) -> str:
     return variant
 
 
-def default_num_frames(model: str, variant: str) -> int:
-    # VideoScore-v1.1 was trained on 48 frames, VideoScore (v1) on 16; the Qwen2-VL example samples 8 fps
-    # (16 frames for a 2 s clip). config.json does not tell v1 from v1.1, so the name decides.
-    return 48 if variant == "idefics2" and "v1.1" in model.lower() else 16
+def default_num_frames(model: str, variant: str) -> int | None:
+    # VideoScore-v1.1 was trained on 48 frames, VideoScore (v1) on 16; config.json does not tell v1 from v1.1,
+    # so the name decides. Qwen2-VL: None, the frame count follows from the clip's length and video_fps.
+    if variant == "qwen2vl":
+        return None
+    return 48 if "v1.1" in model.lower() else 16
 
 
 class VideoScoreReward:
@@ -131,9 +142,15 @@ class VideoScoreReward:
         self.weights = config.weights
         self.dimensions = self.selected + (("weighted",) if self.weights else ())
 
+    def frame_indices(self, total: int) -> list[int]:
+        """The frames of a ``total``-frame clip that the model sees, chosen as the variant's release does."""
+        if self.variant == "qwen2vl":
+            return qwen2_vl.frame_indices(total, self.config.video_fps, self.num_frames)
+        return idefics2.frame_indices(total, self.num_frames)
+
     def sample_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        indices = uniform_frame_indices(frames.shape[1], self.num_frames)
-        if len(indices) == frames.shape[1]:
+        indices = self.frame_indices(frames.shape[1])
+        if indices == list(range(frames.shape[1])):
             return frames
         return frames[:, torch.tensor(indices, device=frames.device)]
 
