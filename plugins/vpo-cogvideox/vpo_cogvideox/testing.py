@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from vpo_core.diffusers_policy import word_level_t5_tokenizer  # noqa: F401  (also used by vpo-toyworld)
 
 # Words the tokenizer knows; anything else maps to <unk>. Enough for test prompts to differ.
 _WORDS = (
@@ -22,28 +23,6 @@ _WORDS = (
 TINY_HEIGHT = 32
 TINY_WIDTH = 32
 TINY_FRAMES = 9
-
-
-def word_level_t5_tokenizer(words, max_length: int):
-    """A ``PreTrainedTokenizerFast`` over ``words`` that behaves like T5's tokenizer where the pipeline cares:
-    ``<pad>`` = 0, ``</s>`` = 1 appended to every sequence, ``<unk>`` = 2, lower-cased, whitespace-split."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in words:
-        vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        model_max_length=max_length,
-    )
 
 
 def build_tiny_cogvideox(
