@@ -1,8 +1,8 @@
 """What the diffusers text-to-video policies (``cogvideox``, ``wan``) share, written once.
 
-A policy plugin subclasses ``DiffusersVideoPolicy`` and ``DiffusersPolicyConfig``, loads its pipeline (the helpers
-``resolve_model``, ``load_components`` and ``load_scheduler`` give one loading path for hub ids and local
-directories) and implements the model-specific parts:
+A policy plugin subclasses ``DiffusersVideoPolicy`` and ``DiffusersPolicyConfig``, loads its pipeline
+(``load_pipeline_parts``: one loading path for hub ids and local directories, with clear errors) and implements the
+model-specific parts:
 
 * ``_denoise(prompts, seeds, grad_steps, window)``: the stock pipeline's denoising loop for one micro-batch;
 * ``_decode_video(latents)`` / ``_encode_video(video)``: the VAE in the model's own latent space;
@@ -26,7 +26,7 @@ import json
 import struct
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -111,7 +111,7 @@ class DiffusersPolicyConfig(PolicyConfig):
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def resolve_model(model: str, subfolders: tuple[str, ...], kind: str, example: str) -> str:
+def _resolve_model(model: str, subfolders: tuple[str, ...], kind: str, example: str) -> str:
     """A hub id unchanged, or a local directory checked for the diffusers layout (clear errors, no traceback)."""
     local = Path(model).expanduser()
     if not (local.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1):
@@ -126,34 +126,28 @@ def resolve_model(model: str, subfolders: tuple[str, ...], kind: str, example: s
     return str(local)
 
 
-@contextlib.contextmanager
-def loading_errors(kind: str, model: str, revision: str | None, example: str, subfolders: tuple[str, ...]):
-    """Turns the hub's / diffusers' OSError and ValueError into one VpoError naming the model and the layout."""
+def load_pipeline_parts(model: str, revision: str | None, *, kind: str, example: str, schedulers: tuple[str, ...],
+                        components: Callable[[str], dict[str, tuple[Any, dict[str, Any]]]]) -> tuple[Any, dict]:
+    """The checkpoint's scheduler (one of ``schedulers``, from its ``scheduler_config.json``) and its components,
+    ``{subfolder: cls.from_pretrained(model, subfolder=..., revision=..., **kwargs)}`` for each entry of
+    ``components(model)``, from a hub id or a local diffusers-layout directory. The hub's and diffusers' OSError /
+    ValueError become one VpoError naming the model and the expected layout."""
+    import diffusers
+
+    subfolders = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+    model = _resolve_model(model, subfolders, kind, example)
     try:
-        yield
-    except VpoError:
-        raise
+        config = getattr(diffusers, schedulers[0]).load_config(model, subfolder="scheduler", revision=revision)
+        name = config.get("_class_name")
+        if name not in schedulers:
+            raise VpoError(f"{model!r}: scheduler {name!r} is not one the {kind} policy samples with {schedulers}.")
+        parts = {part: cls.from_pretrained(model, subfolder=part, revision=revision, **kwargs)
+                 for part, (cls, kwargs) in components(model).items()}
     except (OSError, ValueError) as error:
         raise VpoError(f"could not load {kind} from {model!r} (revision {revision!r}): {error}. Expected a hub id "
                        f"such as {example!r} (downloaded or cached) or a local directory with subfolders "
                        f"{list(subfolders)}.") from error
-
-
-def load_components(model: str, revision: str | None, classes: dict[str, tuple[Any, dict[str, Any]]]) -> dict:
-    """``{subfolder: cls.from_pretrained(model, subfolder=..., revision=..., **kwargs)}`` for each entry."""
-    return {name: cls.from_pretrained(model, subfolder=name, revision=revision, **kwargs)
-            for name, (cls, kwargs) in classes.items()}
-
-
-def load_scheduler(model: str, revision: str | None, allowed: tuple[str, ...], kind: str):
-    """The checkpoint's own scheduler class (one of ``allowed``) built from its ``scheduler_config.json``."""
-    import diffusers
-
-    config = getattr(diffusers, allowed[0]).load_config(model, subfolder="scheduler", revision=revision)
-    name = config.get("_class_name")
-    if name not in allowed:
-        raise VpoError(f"{model!r}: scheduler {name!r} is not one this {kind} policy samples with {allowed}.")
-    return getattr(diffusers, name).from_config(config)
+    return getattr(diffusers, name).from_config(config), parts
 
 
 def canonical_safetensors(path: Path) -> None:

@@ -15,20 +15,10 @@ import math
 
 import torch
 from vpo_core import BuildContext, GradientWindow, VpoError
-from vpo_core.diffusers_policy import (
-    DiffusersVideoPolicy,
-    load_components,
-    load_scheduler,
-    loading_errors,
-    resolve_model,
-)
+from vpo_core.diffusers_policy import DiffusersVideoPolicy, load_pipeline_parts
 from vpo_core.sampling import ddim_step, row_generators
 
 from .config import CogVideoXConfig
-
-_SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-_SCHEDULERS = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
-_EXAMPLE = "THUDM/CogVideoX-2b"
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -37,10 +27,9 @@ def load_pipeline(model: str, revision: str | None, dtype: torch.dtype, trust_re
     from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel
     from transformers import AutoTokenizer, T5EncoderModel
 
-    model = resolve_model(model, _SUBFOLDERS, "CogVideoX", _EXAMPLE)
-    with loading_errors("CogVideoX", model, revision, _EXAMPLE, _SUBFOLDERS):
-        scheduler = load_scheduler(model, revision, _SCHEDULERS, "cogvideox")
-        parts = load_components(model, revision, {
+    scheduler, parts = load_pipeline_parts(
+        model, revision, kind="CogVideoX", example="THUDM/CogVideoX-2b",
+        schedulers=("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"), components=lambda path: {
             "transformer": (CogVideoXTransformer3DModel, {"torch_dtype": dtype}),
             "vae": (AutoencoderKLCogVideoX, {"torch_dtype": dtype}),
             "text_encoder": (T5EncoderModel, {"dtype": dtype}),

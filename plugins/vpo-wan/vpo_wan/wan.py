@@ -15,20 +15,11 @@ from __future__ import annotations
 
 import torch
 from vpo_core import BuildContext, GradientWindow, VpoError
-from vpo_core.diffusers_policy import (
-    DiffusersVideoPolicy,
-    load_components,
-    load_scheduler,
-    loading_errors,
-    resolve_model,
-)
+from vpo_core.diffusers_policy import DiffusersVideoPolicy, load_pipeline_parts
 from vpo_core.sampling import flow_sde_step, row_generators
 
 from .config import WanConfig
 
-_SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-_SCHEDULERS = ("UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler")
-_EXAMPLE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 _EXPERTS = {"all": ["transformer", "transformer_2"], "high_noise": ["transformer"], "low_noise": ["transformer_2"]}
 
 
@@ -44,10 +35,10 @@ def load_pipeline(model: str, revision: str | None, dtype: torch.dtype, vae_dtyp
     from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    model = resolve_model(model, _SUBFOLDERS, "Wan", _EXAMPLE)
-    with loading_errors("Wan", model, revision, _EXAMPLE, _SUBFOLDERS):
-        index = WanPipeline.load_config(model, revision=revision)  # model_index.json
-        scheduler = load_scheduler(model, revision, _SCHEDULERS, "wan")
+    index = {}
+
+    def components(path: str) -> dict:
+        index.update(WanPipeline.load_config(path, revision=revision))  # model_index.json
         classes = {
             "transformer": (WanTransformer3DModel, {"torch_dtype": dtype}),
             "vae": (AutoencoderKLWan, {"torch_dtype": vae_dtype}),
@@ -56,7 +47,11 @@ def load_pipeline(model: str, revision: str | None, dtype: torch.dtype, vae_dtyp
         }
         if (index.get("transformer_2") or [None])[0] is not None:  # Wan 2.2 A14B: the low-noise expert
             classes["transformer_2"] = (WanTransformer3DModel, {"torch_dtype": dtype})
-        parts = load_components(model, revision, classes)
+        return classes
+
+    scheduler, parts = load_pipeline_parts(model, revision, kind="Wan", example="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+                                           schedulers=("UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler"),
+                                           components=components)
     return WanPipeline(scheduler=scheduler, boundary_ratio=index.get("boundary_ratio"),
                        expand_timesteps=index.get("expand_timesteps", False), **parts)
 
