@@ -42,6 +42,7 @@ import hashlib
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,18 +290,23 @@ class VideoDPOPairDataset:
                   file=sys.stderr)
 
     def validate_clips(self) -> None:
-        """Decode every clip a pair uses that is not cached yet; one error lists every clip that fails."""
-        used = sorted({j for p in self.pairs for j in (p.winner, p.loser)})
-        failures, checked = [], set()
-        for j in used:
+        """Decode every clip a pair uses that is not cached yet (a few threads: PyAV decodes without the GIL);
+        one error lists the clips that fail."""
+        todo = {}  # cache file -> clip: one decode per file
+        for j in sorted({j for p in self.pairs for j in (p.winner, p.loser)}):
             cached = self._cache_file(j)
-            if cached in checked or cached.exists():
-                continue
-            checked.add(cached)
+            if cached not in todo and not cached.exists():
+                todo[cached] = j
+
+        def problem(j: int) -> str | None:
             try:
                 self._decode(j)
             except VpoError as exc:
-                failures.append(f"{self.clips[j].entry}: {exc}")
+                return f"{self.clips[j].entry}: {exc}"
+            return None
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            failures = [f for f in pool.map(problem, todo.values()) if f]
         if failures:
             raise SpecError(f"{len(failures)} clip(s) of '{self.root}' cannot be used: " + "; ".join(failures[:5])
                             + (f"; ... {len(failures) - 5} more" if len(failures) > 5 else "")
