@@ -139,26 +139,27 @@ def _convert_blocks(sd: _KeyReader, source: str, target: str, num_layers: int) -
     return out
 
 
-def _text_tower(sd: _KeyReader, num_layers: int) -> dict[str, torch.Tensor]:
+def _text_tower(sd: _KeyReader, num_layers: int, target: str = "text_model.") -> dict[str, torch.Tensor]:
     out = {
-        "text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
-        "text_model.embeddings.position_embedding.weight": sd["positional_embedding"],
-        "text_model.final_layer_norm.weight": sd["ln_final.weight"],
-        "text_model.final_layer_norm.bias": sd["ln_final.bias"],
+        f"{target}embeddings.token_embedding.weight": sd["token_embedding.weight"],
+        f"{target}embeddings.position_embedding.weight": sd["positional_embedding"],
+        f"{target}final_layer_norm.weight": sd["ln_final.weight"],
+        f"{target}final_layer_norm.bias": sd["ln_final.bias"],
     }
-    return out | _convert_blocks(sd, "transformer.resblocks.", "text_model.encoder.layers.", num_layers)
+    return out | _convert_blocks(sd, "transformer.resblocks.", f"{target}encoder.layers.", num_layers)
 
 
-def convert_text_tower(state_dict: dict[str, torch.Tensor], prefix: str = "",
-                       layers: int | None = None) -> dict[str, torch.Tensor]:
-    """The open_clip text tower under ``prefix`` -> ``CLIPTextModel`` keys. ``layers``: convert only the first
-    blocks (the others, and the projection / logit scale CLIPTextModel has no place for, are dropped)."""
-    total = count_blocks(state_dict, prefix + "transformer.resblocks.")
-    layers = total if layers is None else layers
+def convert_text_tower(state_dict: dict[str, torch.Tensor], prefix: str = "", layers: int | None = None,
+                       target: str = "text_model.") -> dict[str, torch.Tensor]:
+    """The open_clip text tower under ``prefix`` -> ``CLIPTextModel`` keys under ``target`` (``text_model.`` up to
+    transformers 4, none from 5). ``layers``: convert only the first blocks. Dropped: the later blocks, an image
+    tower (``visual.*``) and the projection / logit scale that CLIPTextModel has no place for."""
+    blocks = prefix + "transformer.resblocks."
+    layers = count_blocks(state_dict, blocks) if layers is None else layers
     sd = _KeyReader(state_dict, prefix)
-    out = _text_tower(sd, layers)
-    dropped = {k for k in state_dict if k.startswith(prefix + "transformer.resblocks.")
-               and int(k[len(prefix + "transformer.resblocks."):].split(".")[0]) >= layers}
+    out = _text_tower(sd, layers, target)
+    dropped = {k for k in state_dict if k.startswith(prefix + "visual.")
+               or (k.startswith(blocks) and int(k[len(blocks):].split(".")[0]) >= layers)}
     sd.check_all_used(dropped | {prefix + k for k in TEXT_ONLY_IGNORED + IGNORED})
     return out
 
