@@ -1,4 +1,4 @@
-"""Peak memory of one OnlineVPO training step vs one VADER step on the same CogVideoX configuration.
+"""Peak memory of one OnlineVPO training step vs one VADER step on the same CogVideoX or Open-Sora configuration.
 
 Measured, each in a fresh child process (so one measurement cannot reuse another's memory):
 
@@ -8,9 +8,10 @@ Measured, each in a fresh child process (so one measurement cannot reuse another
 * VADER step: one rollout with a gradient window (``reward_gradient``, last-step cutoff), decode with grad,
   score, backward -- at the same two sizes.
 
-Both use the real ``cogvideox`` policy, ``best_worst`` / ``dpo`` / ``reward_gradient`` parts, called in the order
-``vpo_core.loop`` calls them, on a random CogVideoX pipeline in the published diffusers layout that is larger
-than the test model (wider / deeper transformer, wider VAE) so that activations dominate the weights. The
+Both use the real ``cogvideox`` (or, with ``--policy opensora``, ``opensora``) policy, ``best_worst`` / ``dpo`` /
+``reward_gradient`` parts, called in the order ``vpo_core.loop`` calls them, on a random model in the published
+layout that is larger than the test model (wider / deeper transformer, wider VAE) so that activations dominate
+the weights. The
 reward is the core's pure-torch ``toy_brightness`` (a real reward model's own memory is left out: it adds the
 same frozen weights to both, and VADER additionally its activations for backward).
 
@@ -21,6 +22,7 @@ to serve every allocation >= 64 KiB by mmap so that freed tensors leave the RSS 
     OMP_NUM_THREADS=2 python bench/memory.py                  # CPU: ~9 min on 2 shared cores
     python bench/memory.py --device cuda --sizes 49x480x720 --layers 30 --heads 30 --head-dim 64
     python bench/memory.py --vader-frames one_random          # VADER decoding one latent frame (image rewards)
+    OMP_NUM_THREADS=2 python bench/memory.py --policy opensora   # Open-Sora v1.2 (random STDiT3 + video VAE)
 
 Measured on 2 shared CPU cores (defaults; MiB above set-up): OnlineVPO 78.9 / 161.4 vs VADER (frames=all)
 205.9 / 737.6 at 9x64x64 / 17x96x96 (ratios 0.38 / 0.22); OnlineVPO at 50 vs 10 steps: 1.001x. With
@@ -28,7 +30,10 @@ Measured on 2 shared CPU cores (defaults; MiB above set-up): OnlineVPO 78.9 / 16
 sampling batch (N candidates x 2 for CFG; lower the policy's micro_batch_size to cut it).
 
 The CUDA line above approximates CogVideoX-2B's transformer (30 layers, 30 heads x 64) with a random model;
-point ``--model THUDM/CogVideoX-2b`` at the real weights to measure those instead.
+point ``--model THUDM/CogVideoX-2b`` at the real weights to measure those instead. For Open-Sora, ``--model DIR``
+takes a directory with ``transformer/``, ``vae/`` and ``text_encoder/`` in the published layouts, and
+``--model published`` the hub ids (STDiT-v3 is 28 layers, 16 heads x 72: ``--layers 28 --heads 16 --head-dim 72``
+for a random stand-in).
 """
 
 from __future__ import annotations
@@ -69,6 +74,46 @@ def build_model(directory: Path, layers: int, heads: int, head_dim: int, vae_cha
     return directory
 
 
+def build_opensora_model(directory: Path, layers: int, heads: int, head_dim: int, vae_channels: int) -> Path:
+    """A random Open-Sora v1.2 in the published layouts: the tiny test model with a larger STDiT3 and video VAE."""
+    from diffusers import AutoencoderKL
+    from vpo_opensora import build_tiny_opensora
+    from vpo_opensora.stdit3 import STDiT3, STDiT3Config
+    from vpo_opensora.vae import OpenSoraVAE, TemporalVAE
+
+    build_tiny_opensora(directory, seed=0)  # T5 (d_model 32) and tokenizer; transformer/vae replaced
+    torch.manual_seed(0)
+    STDiT3(STDiT3Config(hidden_size=heads * head_dim, depth=layers, num_heads=heads, caption_channels=32)
+           ).save_pretrained(directory / "transformer")
+    c = vae_channels
+    spatial = AutoencoderKL(latent_channels=4, layers_per_block=1, norm_num_groups=4, block_out_channels=(c,) * 4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    temporal = TemporalVAE(filters=c // 2, num_res_blocks=1, temporal_downsample=(False, True, True), num_groups=4)
+    OpenSoraVAE(spatial, temporal, shift=(-0.10, 0.34, 0.27, 0.98), scale=(3.85, 2.32, 2.33, 3.06)
+                ).save_pretrained(directory / "vae")
+    return directory
+
+
+def build_policy(args: argparse.Namespace, device: torch.device, frames: int, height: int, width: int):
+    from vpo_core import BuildContext
+
+    common = dict(num_frames=frames, height=height, width=width, num_inference_steps=args.steps,
+                  micro_batch_size=args.candidates, gradient_checkpointing=True,
+                  dtype="bfloat16" if device.type == "cuda" else "float32")
+    if args.policy == "cogvideox":
+        from vpo_cogvideox import CogVideoXConfig, build
+
+        config = CogVideoXConfig(model=args.model, guidance_scale=6.0, **common)
+    else:
+        from vpo_opensora import OpenSoraConfig, build
+
+        parts = {} if args.model == "published" else {
+            "model": f"{args.model}/transformer", "vae": f"{args.model}/vae",
+            "text_encoder": f"{args.model}/text_encoder"}
+        config = OpenSoraConfig(guidance_scale=7.0, **parts, **common)
+    return build(config, BuildContext(device=device, seed=0))
+
+
 # ----------------------------------------------------------------------------------------------- memory
 class PeakMemory:
     """Peak memory above the level at ``start()``, in MiB."""
@@ -99,19 +144,14 @@ class PeakMemory:
 # ----------------------------------------------------------------------------------------------- one step
 def child(args: argparse.Namespace) -> None:
     import vpo_core.testing as toy
-    from vpo_core import BuildContext, PromptBatch, StepContext
+    from vpo_core import PromptBatch, StepContext
     from vpo_core.data import pairs_to_batch
-    from vpo_cogvideox import CogVideoXConfig, build
     from vpo_onlinevpo import BestWorstConfig, BestWorstSelector, DPOConfig, DPOObjective
     from vpo_vader import RewardGradientConfig, RewardGradientObjective
 
     device = torch.device(args.device)
     frames, height, width = (int(v) for v in args.size.split("x"))
-    policy = build(CogVideoXConfig(
-        model=args.model, num_frames=frames, height=height, width=width, num_inference_steps=args.steps,
-        guidance_scale=6.0, micro_batch_size=args.candidates, gradient_checkpointing=True,
-        dtype="bfloat16" if device.type == "cuda" else "float32",
-    ), BuildContext(device=device, seed=0))
+    policy = build_policy(args, device, frames, height, width)
     reward = toy.ToyReward(toy.ToyRewardConfig(), None)
 
     def score(video, prompts):  # the loop's Trainer.score with one reward of weight 1
@@ -120,7 +160,8 @@ def child(args: argparse.Namespace) -> None:
         out["total"] = torch.stack(list(dims.values())).mean(0)
         return out
 
-    policy.embed_prompts([PROMPT, ""])  # set-up: text embeddings cached, as after the first step
+    # set-up: text embeddings cached, as after the first step (CogVideoX's CFG encodes the empty negative prompt)
+    policy.embed_prompts([PROMPT, ""] if args.policy == "cogvideox" else [PROMPT])
     ctx = StepContext(step=1, generator=torch.Generator().manual_seed(0), score=score)
     memory = PeakMemory(device)
     memory.start()
@@ -148,7 +189,8 @@ def child(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------- driver
 def measure(args: argparse.Namespace, case: str, size: str, steps: int) -> float:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # freed tensors go back to the OS at once
-    command = [sys.executable, __file__, "--child", case, "--size", size, "--steps", str(steps),
+    command = [sys.executable, __file__, "--child", case, "--policy", args.policy, "--size", size,
+               "--steps", str(steps),
                "--model", args.model, "--device", args.device, "--candidates", str(args.candidates),
                "--vader-frames", args.vader_frames]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -161,7 +203,9 @@ def measure(args: argparse.Namespace, case: str, size: str, steps: int) -> float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="9x64x64,17x96x96", help="FRAMESxHEIGHTxWIDTH, comma separated")
+    parser.add_argument("--policy", default="cogvideox", choices=["cogvideox", "opensora"])
+    parser.add_argument("--sizes", default=None, help="FRAMESxHEIGHTxWIDTH, comma separated (default: 9x64x64,"
+                        "17x96x96 for CogVideoX; 17x64x64,34x96x96 for Open-Sora, which takes 1 or >= 17 frames)")
     parser.add_argument("--steps", default="10,50", help="sampling steps: the first is used for the size table")
     parser.add_argument("--candidates", type=int, default=4, help="N candidates per prompt (OnlineVPO)")
     parser.add_argument("--vader-frames", default="all", choices=["all", "every_nth", "one_random"])
@@ -169,7 +213,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--vae-channels", type=int, default=32)
-    parser.add_argument("--model", default=None, help="a CogVideoX hub id / directory instead of a random model")
+    parser.add_argument("--model", default=None, help="instead of a random model: a CogVideoX hub id / directory; "
+                        "for Open-Sora a directory with transformer/, vae/, text_encoder/, or 'published'")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--child", choices=["onlinevpo", "vader"], dest="case", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -178,16 +223,20 @@ def main() -> None:
         args.steps = int(args.steps)
         return child(args)
 
-    sizes = args.sizes.split(",")
+    sizes = (args.sizes or ("9x64x64,17x96x96" if args.policy == "cogvideox" else "17x64x64,34x96x96")).split(",")
     steps = [int(s) for s in args.steps.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
-            args.model = str(build_model(Path(tmp) / "cogvideox", args.layers, args.heads, args.head_dim,
-                                         args.vae_channels))
-            what = f"random CogVideoX ({args.layers} layers, {args.heads}x{args.head_dim} heads, VAE {args.vae_channels} ch)"
+            builder = build_model if args.policy == "cogvideox" else build_opensora_model
+            args.model = str(builder(Path(tmp) / args.policy, args.layers, args.heads, args.head_dim,
+                                     args.vae_channels))
+            name = "CogVideoX" if args.policy == "cogvideox" else "Open-Sora v1.2"
+            what = (f"random {name} ({args.layers} layers, {args.heads}x{args.head_dim} heads, "
+                    f"VAE {args.vae_channels} ch)")
         else:
             what = args.model
-        print(f"{what} on {args.device}; OnlineVPO: 1 prompt x {args.candidates} candidates, CFG 6, DPO on the "
+        cfg = 6 if args.policy == "cogvideox" else 7
+        print(f"{what} on {args.device}; OnlineVPO: 1 prompt x {args.candidates} candidates, CFG {cfg}, DPO on the "
               f"best/worst pair; VADER: 1 rollout, last-step cutoff, frames={args.vader_frames}; "
               f"gradient checkpointing on")
         print(f"{'size':>12} {'steps':>5} {'OnlineVPO MiB':>14} {'VADER MiB':>10} {'OnlineVPO/VADER':>16}")

@@ -256,6 +256,12 @@ def test_saved_adapter_loads_with_peft_onto_the_published_transformer(tiny, tmp_
         torch.testing.assert_close(tuned(*inputs), expected, atol=1e-4, rtol=1e-4)  # float noise of other kernels
         base = STDiT3.from_pretrained(str(tiny / "transformer"))(*inputs)
     assert (base - expected).abs().max() > 1e-3
+    # ... and back into a fresh policy for sampling
+    fresh = make_policy(tiny, lora={"rank": 4, "alpha": 8})
+    fresh.load_adapter(tmp_path / "lora")
+    torch.testing.assert_close(fresh.sample(PROMPTS[:1], SEEDS[:1]).latents, policy.sample(PROMPTS[:1], SEEDS[:1]).latents)
+    with pytest.raises(VpoError, match="rank 4 / alpha 8.0, but the policy's lora: is rank 16"):
+        make_policy(tiny).load_adapter(tmp_path / "lora")
 
 
 def test_full_finetune_keeps_a_frozen_base_and_saves_the_published_layout(tiny, tmp_path):

@@ -372,6 +372,35 @@ class OpenSoraPolicy:
     def load_state_dict_from_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
         self.trainable.load_state_dict(state, "opensora policy")
 
+    def load_adapter(self, directory: str | Path) -> None:
+        """Load a LoRA adapter written by ``save_pretrained`` (same rank, alpha and targets as ``lora:``) into the
+        learner, e.g. to sample with a tuned policy."""
+        import json
+
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        path, config_path = directory / "adapter_model.safetensors", directory / "adapter_config.json"
+        if self.config.full_finetune or not path.is_file() or not config_path.is_file():
+            raise VpoError(f"{directory} holds no peft adapter (adapter_model.safetensors + adapter_config.json) for "
+                           "this LoRA policy; a full fine-tune is loaded with `model: DIR` instead.")
+        saved, lora = json.loads(config_path.read_text()), self.config.lora
+        if (saved.get("r"), float(saved.get("lora_alpha", 0))) != (lora.rank, float(lora.alpha)):
+            raise VpoError(f"{config_path}: rank {saved.get('r')} / alpha {saved.get('lora_alpha')}, but the policy's "
+                           f"lora: is rank {lora.rank} / alpha {lora.alpha}; set lora: to match the adapter.")
+        weights = {k.removeprefix("base_model.model.").replace(".lora_A.", ".lora_A.default.")
+                   .replace(".lora_B.", ".lora_B.default."): v for k, v in load_file(str(path)).items()}
+        parameters = dict(self.transformer.named_parameters())
+        learner = {n for n in parameters if ".lora_" in n and ".default." in n}
+        bad = sorted(set(weights) ^ learner) + sorted(k for k in weights if k in parameters
+                                                      and parameters[k].shape != weights[k].shape)
+        if bad:
+            raise VpoError(f"{path} does not fit this policy's LoRA layers ({len(bad)} mismatches, e.g. {bad[:2]}); "
+                           "use the lora.target_modules it was trained with.")
+        with torch.no_grad():
+            for name, value in weights.items():
+                parameters[name].copy_(value)
+
     def save_pretrained(self, directory: Path) -> None:
         """LoRA: a peft adapter (``adapter_model.safetensors`` + ``adapter_config.json``) for
         ``peft.PeftModel.from_pretrained(STDiT3.from_pretrained(...), directory)``. Full fine-tuning: STDiT3 in the

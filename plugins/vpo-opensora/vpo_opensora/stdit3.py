@@ -30,7 +30,8 @@ from torch.utils.checkpoint import checkpoint
 from .loading import load_strict, read_config, read_weights, resolve_directory
 
 LAYOUT = ("a directory (or hub id such as 'hpcai-tech/OpenSora-STDiT-v3') with config.json (model_type 'STDiT3') "
-          "and model.safetensors in Open-Sora's key names (spatial_blocks.N.attn.qkv.weight, y_embedder.y_embedding, ...)")
+          "and model.safetensors in Open-Sora's key names (spatial_blocks.N.attn.qkv.weight, "
+          "y_embedder.y_embedding, ...)")
 
 
 @dataclass

@@ -210,7 +210,8 @@ class OpenSoraVAE(nn.Module):
         """Apply a 2-D VAE function to every frame of ``[B, C, T, H, W]``, ``micro_batch_size`` frames at a time."""
         b, _, t = x.shape[:3]
         flat = x.transpose(1, 2).flatten(0, 1)
-        out = torch.cat([fn(flat[i : i + self.micro_batch_size]) for i in range(0, flat.shape[0], self.micro_batch_size)])
+        step = self.micro_batch_size
+        out = torch.cat([fn(flat[i : i + step]) for i in range(0, flat.shape[0], step)])
         return out.view(b, t, *out.shape[1:]).transpose(1, 2)
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
@@ -254,7 +255,8 @@ class OpenSoraVAE(nn.Module):
             spatial = AutoencoderKL(**spatial_config)
             temporal = TemporalVAE(**temporal_args)
         except TypeError as error:
-            raise VpoError(f"{what}: {directory / 'config.json'} has an argument the model does not take: {error}") from None
+            raise VpoError(f"{what}: {directory / 'config.json'} has an argument the model does not take: "
+                           f"{error}") from None
         batch = micro_batch_size or (config.get("vae_2d") or {}).get("micro_batch_size") or 4
         model = cls(spatial, temporal, config.get("shift", 0.0), config.get("scale", 1.0),
                     config.get("micro_frame_size") or 17, batch)
