@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import types
 
@@ -345,3 +347,26 @@ def test_xformers_processor_matches_cogvideox_sdpa_processor(tiny_5b, monkeypatc
         use_xformers(transformer)
         actual = transformer(**inputs).sample
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- reproducible bytes
+def test_identical_weights_save_identical_bytes_whatever_the_hash_seed(tiny_2b, tmp_path):
+    """Two processes with other PYTHONHASHSEEDs (set order) build the same adapter and save it: same bytes."""
+    script = ("import sys, torch\n"
+              "from vpo_core import BuildContext\n"
+              "from vpo_cogvideox import CogVideoXConfig, build\n"
+              "policy = build(CogVideoXConfig(model=sys.argv[1], num_frames=9, height=32, width=32,\n"
+              "                               lora={'rank': 4, 'target_modules': ['to_v', 'to_k', 'to_q', 'to_out.0']}),\n"
+              "               BuildContext(device=torch.device('cpu'), seed=3))\n"
+              "torch.manual_seed(0)\n"
+              "for parameter in policy.trainable_parameters():\n"
+              "    parameter.data += torch.randn(parameter.shape)\n"
+              "policy.save_pretrained(sys.argv[2])\n")
+    outputs = [tmp_path / "seed-a", tmp_path / "seed-b"]
+    children = [subprocess.Popen([sys.executable, "-c", script, str(tiny_2b), str(out)], stderr=subprocess.PIPE,
+                                 env={**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"})
+                for seed, out in zip(("11", "12"), outputs)]
+    for child in children:
+        assert child.wait(timeout=300) == 0, child.stderr.read().decode()[-2000:]
+    first, second = ((out / "pytorch_lora_weights.safetensors").read_bytes() for out in outputs)
+    assert b'"lora_adapter_metadata"' in first and first == second
