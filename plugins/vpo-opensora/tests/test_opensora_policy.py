@@ -378,3 +378,23 @@ def test_clear_errors_for_missing_or_mismatched_checkpoints(tiny, tmp_path):
         OpenSoraConfig(num_frames=16)
     with pytest.raises(VpoError, match="one seed per row"):
         make_policy(tiny).sample(["a cat"], [1, 2])
+
+
+def test_hub_ids_go_through_snapshot_download_with_safetensors_patterns(tiny, monkeypatch):
+    import huggingface_hub
+
+    fetched = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        fetched.append((repo_id, allow_patterns))
+        if repo_id == "nobody/missing":
+            raise OSError("404 Repository Not Found")
+        return str(tiny / {"hpcai-tech/OpenSora-STDiT-v3": "transformer", "hpcai-tech/OpenSora-VAE-v1.2": "vae"}[repo_id])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    policy = make_policy(tiny, model="hpcai-tech/OpenSora-STDiT-v3", vae="hpcai-tech/OpenSora-VAE-v1.2")
+    assert [name for name, _ in fetched] == ["hpcai-tech/OpenSora-STDiT-v3", "hpcai-tech/OpenSora-VAE-v1.2"]
+    assert all("*.safetensors" in patterns and not any("bin" in p for p in patterns) for _, patterns in fetched)
+    assert policy.sample(["a cat"], [0], decode=False).latents.shape == (1, *LATENT)
+    with pytest.raises(VpoError, match="could not fetch STDiT3 transformer 'nobody/missing' from the hub"):
+        make_policy(tiny, model="nobody/missing")
