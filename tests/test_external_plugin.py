@@ -23,14 +23,18 @@ py-modules = ["vpo_contrast_reward"]
 """
 
 MODULE = """
-from vpo_core import PartConfig, hookimpl
+from typing import ClassVar
 
-class ContrastConfig(PartConfig):
+from vpo_core import RewardConfig, hookimpl
+
+class ContrastConfig(RewardConfig):
+    differentiable: ClassVar[bool] = True
     scale: float = 1.0
 
+    def score_dimensions(self):
+        return ["contrast"]
+
 class Contrast:
-    dimensions = ("contrast",)
-    differentiable = True
     def __init__(self, config, context):
         self.scale = config.scale
     def score(self, frames, prompts):

@@ -15,7 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vpo_core import PartConfig, hookimpl
+from typing import ClassVar
+
+from vpo_core import RewardConfig, hookimpl
 from vpo_core.cli import main
 from vpo_core.loop import Trainer
 from vpo_core.spec import load_spec
@@ -44,7 +46,7 @@ def test_online_pairs_writes_the_output_contract(toy_spec, toy_pm):
     assert (out / "samples" / "step-000006" / "prompt-00.gif").exists()
     assert (out / "samples" / "before_after" / "prompt-00.gif").exists()
     report = (out / "report.html").read_text()
-    assert all(f"plots/{name}.png" in report for name in ("reward", "eval_curve", "eval_before_after"))
+    assert all(f"plots/{name}.png" in report for name in ("reward", "eval_curve", "eval_gain"))
     assert (out / "plots" / "loss.png").stat().st_size > 1000
     # the resolved spec has every default filled in and is itself a valid spec
     import yaml
@@ -55,11 +57,12 @@ def test_online_pairs_writes_the_output_contract(toy_spec, toy_pm):
 def test_training_changes_weights_and_reference_update(toy_spec, toy_pm):
     result = run_spec(toy_spec, toy_pm, "objective.reference_update_every=3")
     final = load_file(str(result.output_dir / "checkpoints" / "step-000006" / "policy.safetensors"))
-    net = {k: v for k, v in final.items() if k.startswith("net.")}
+    net = {k: v for k, v in final.items() if k.startswith("module.")}
     ref = {k: v for k, v in final.items() if k.startswith("reference.")}
-    assert all(torch.equal(net[k], ref["reference." + k[4:]]) for k in net)  # updated at step 6
+    assert net and net.keys() == {"module." + k[10:] for k in ref}
+    assert all(torch.equal(net[k], ref["reference." + k[7:]]) for k in net)  # updated at step 6
     step4 = load_file(str(result.output_dir / "checkpoints" / "step-000004" / "policy.safetensors"))
-    assert not torch.equal(step4["reference.out.weight"], step4["net.out.weight"])  # step 4: not yet
+    assert not torch.equal(step4["reference.out.weight"], step4["module.out.weight"])  # step 4: not yet
     assert not torch.equal(step4["reference.out.weight"], final["reference.out.weight"])
 
 
@@ -87,11 +90,15 @@ def test_offline_pairs_build_then_train(toy_spec, toy_pm, tmp_path):
     assert group.read_text() == before
     result = run_spec(toy_spec, toy_pm, f"data.pairs={pairs_dir}", "train.pairs_per_step=2")
     rows = [r for r in metrics(result.output_dir) if r["step"] > 0 and not r.get("final")]
-    assert all(r["objective/pairs"] == 2 and r["skipped"] == 0 for r in rows)
+    assert all(r["pairs"] == 2 and r["skipped"] == 0 for r in rows)
 
 
-class NaNRewardConfig(PartConfig):
+class NaNRewardConfig(RewardConfig):
+    differentiable: ClassVar[bool] = True
     nan_steps: list[int] = []
+
+    def score_dimensions(self) -> list[str]:
+        return ["v"]
 
 
 class NaNReward:
@@ -154,12 +161,12 @@ def _spawn(spec: Path, *extra: str) -> subprocess.Popen:
 
 def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     """Until the run has checkpointed ``step`` (or later)."""
-    from vpo_core.checkpoint import latest_checkpoint
+    from vpo_core.checkpoint import list_checkpoints
 
     deadline = time.time() + timeout
     while time.time() < deadline:
-        latest = latest_checkpoint(out)
-        if latest is not None and int(latest.name[5:]) >= step:
+        found = list_checkpoints(out)
+        if found and int(found[-1].name[5:]) >= step:
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.01)

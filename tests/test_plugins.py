@@ -7,7 +7,11 @@ import textwrap
 
 import pytest
 
-from vpo_core import PartConfig, hookimpl
+from vpo_core import PartConfig, PolicyConfig, hookimpl
+from vpo_core.plugins import HOOK_OF_KIND
+from vpo_core.types import CONFIG_BASES
+
+KIND_OF_HOOK = {hook: kind for kind, hook in HOOK_OF_KIND.items()}
 from vpo_core.errors import PluginError
 from vpo_core.plugins import PluginManager
 
@@ -22,15 +26,15 @@ def make_dist(root, dist: str, module: str, body: str, ep_name: str | None = Non
 
 
 GOOD = """
-from vpo_core import hookimpl, PartConfig
+from vpo_core import hookimpl, RewardConfig
+class C(RewardConfig):
+    def score_dimensions(self): return ["x"]
 class R:
-    dimensions = ("x",)
-    differentiable = False
     def __init__(self, config, context): pass
     def score(self, frames, prompts): return {"x": frames.mean(dim=(1, 2, 3, 4))}
 @hookimpl
 def vpo_register_rewards(register):
-    register("good_reward", R, PartConfig)
+    register("good_reward", R, C)
 """
 
 
@@ -57,10 +61,10 @@ def test_broken_import_is_isolated(site):
 def test_hook_that_raises_is_isolated(site):
     make_dist(site, "vpotest-good", "vpotest_good", GOOD)
     make_dist(site, "vpotest-raiser", "vpotest_raiser", """
-        from vpo_core import hookimpl, PartConfig
+        from vpo_core import hookimpl, PolicyConfig
         @hookimpl
         def vpo_register_policies(register):
-            register("half_registered", object, PartConfig)
+            register("half_registered", object, PolicyConfig)
         @hookimpl
         def vpo_register_rewards(register):
             raise ValueError("hook exploded")
@@ -105,14 +109,21 @@ def test_load_and_disable_env(site, monkeypatch):
     assert "vpotest-bad" not in pm.plugins and "vpotest-good" in pm.plugins
 
 
-def test_register_rejects_non_pydantic_config(toy_pm):
+def test_register_rejects_a_config_that_is_not_the_kinds_base(toy_pm):
     class Bad:
         @hookimpl
         def vpo_register_rewards(self, register):
             register("x", object, dict)
 
-    info = toy_pm.register_plugin(Bad(), "bad")
-    assert info.broken and "pydantic" in info.error
+    class Wrong:  # a policy config registered as a reward: the core could not read its declarations
+        @hookimpl
+        def vpo_register_rewards(self, register):
+            register("y", object, PolicyConfig)
+
+    for plugin in (Bad(), Wrong()):
+        info = toy_pm.register_plugin(plugin, type(plugin).__name__)
+        assert info.broken and "must subclass vpo_core.RewardConfig" in info.error
+    assert "x" not in toy_pm.components["reward"] and "y" not in toy_pm.components["reward"]
 
 
 def test_extra_plugins_env(monkeypatch):
@@ -132,8 +143,8 @@ def test_command_hook(toy_pm):
     toy_pm.register_plugin(WithCommand(), "cmd")
     from vpo_core.cli import build_parser
 
-    args = build_parser(toy_pm).parse_args(["hello", "--name", "x"])
-    assert args.func(args, toy_pm) == 7
+    args = build_parser(toy_pm.commands.values()).parse_args(["hello", "--name", "x"])
+    assert args.func(args, lambda: toy_pm) == 7 and args.plugin_manager is toy_pm
 
 
 def test_component_config_model_is_strict():
@@ -148,7 +159,7 @@ def _plugin_with(hook_name: str, part_name: str):
     """An object implementing one hook that registers ``part_name``."""
 
     def impl(register):
-        register(part_name, lambda config, context: (config, context), PartConfig)
+        register(part_name, lambda config, context: (config, context), CONFIG_BASES[KIND_OF_HOOK[hook_name]])
 
     return type("P", (), {hook_name: staticmethod(hookimpl(impl))})()
 
@@ -165,5 +176,5 @@ def test_each_part_hook_registers(hook_name, kind):
     info = pm.register_plugin(_plugin_with(hook_name, f"my_{kind}"), "mine")
     assert not info.broken and info.parts[kind] == [f"my_{kind}"]
     comp = pm.get(kind, f"my_{kind}")
-    assert comp.plugin == "mine" and comp.config_model is PartConfig
+    assert comp.plugin == "mine" and comp.config_model is CONFIG_BASES[kind]
     assert all(not pm.components[k] for k in pm.components if k != kind)

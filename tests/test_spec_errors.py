@@ -49,7 +49,7 @@ CASES = [
     ("not-yaml", "policy: [unclosed\n  type: toy\n", 2, ["not valid YAML", "line"]),
     ("tab-indent", "policy:\n\ttype: toy\n", 2, ["not valid YAML", "line 2"]),
     ("top-level-list", "- a\n- b\n", 2, ["must be a YAML mapping", "line 1"]),
-    ("python-object-tag", "policy: !!python/object/apply:os.system ['echo hacked']\n", 2, ["not valid YAML"]),
+    ("python-object-tag", "policy: !!python/object/apply:os.system ['echo hacked']\n", 2, ["tags are not allowed"]),
     ("empty-file", "", 2, ["is empty"]),
     ("only-comments", "# nothing here\n", 2, ["is empty"]),
     ("trackers-unknown", replace("  trackers: []", "  trackers: [mlflow]"), 2, ["logging.trackers"]),
@@ -96,7 +96,12 @@ def test_valid_spec(toy_spec, toy_env, capsys):
 
 def test_set_override_is_validated(toy_spec, toy_env, capsys):
     assert main(["validate", str(toy_spec), "--set", "train.steps=-3"]) == 2
-    assert "train.steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "train.steps (from --set train.steps=-3)" in err and "line" not in err  # not the file's line 22
+    assert main(["validate", str(toy_spec), "--set", "objective.betta=3"]) == 2
+    assert "objective.betta (from --set objective.betta=3): unknown key" in capsys.readouterr().err
+    assert main(["validate", str(toy_spec), "--set", "train.steps=[1, 2"]) == 2
+    assert "--set train.steps=...: not valid YAML" in capsys.readouterr().err
 
 
 def test_schema_includes_plugin_configs(toy_env, capsys):

@@ -1,55 +1,35 @@
 """vpo: align text-to-video diffusion models with video-centric preference feedback.
 
-Public API for plugins: the hook markers, the part protocols and data types, and shared math.
+Public API for plugins: the hook marker, the part contract (configs, protocols, data types) and shared helpers.
+Importing ``vpo_core`` is light (no torch): plugins register and specs validate in well under a second; the
+modules that need torch load on first use.
 """
 
-from .data import PairDataset, PairDatasetWriter, derive_seed, read_prompts
-from .dpo import diffusion_dpo_loss, dpo_pair_loss
 from .errors import RunError, SpecError, VpoError
 from .hookspecs import hookimpl
-from .types import (
-    BuildContext,
-    GradientWindow,
-    Objective,
-    ObjectiveOutput,
-    Pair,
-    PairBatch,
-    PairSelector,
-    PartConfig,
-    Policy,
-    PromptBatch,
-    Reward,
-    Rollout,
-    StepContext,
-    iter_chunks,
-)
-
-from .video import read_video, write_video
+from .types import (BuildContext, GradientWindow, LoraSpec, Objective, ObjectiveConfig, ObjectiveOutput, Pair,
+                    PairBatch, PairSelector, PartConfig, Policy, PolicyConfig, PromptBatch, Reward, RewardConfig,
+                    Rollout, SelectorConfig, StepContext, Trajectory, TrajectorySettings, Transition, iter_chunks)
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "PairDataset": "data", "PairDatasetWriter": "data", "derive_seed": "data", "read_prompts": "data",
+    "diffusion_dpo_loss": "dpo", "dpo_pair_loss": "dpo", "read_video": "video", "write_video": "video",
+    "load_spec": "spec", "PluginManager": "plugins", "build_pair_dataset": "offline", "Trainer": "loop",
+    "TrainableModule": "adapters",
+}
+
 
 def __getattr__(name: str):
-    # Heavier entry points, imported on first use: the spec/loop stack pulls in accelerate.
-    if name == "load_spec":
-        from .spec import load_spec
-        return load_spec
-    if name == "PluginManager":
-        from .plugins import PluginManager
-        return PluginManager
-    if name == "build_pair_dataset":
-        from .offline import build_pair_dataset
-        return build_pair_dataset
-    if name == "Trainer":
-        from .loop import Trainer
-        return Trainer
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'vpo_core' has no attribute {name!r}")
 
 
-__all__ = [
-    "PairDataset", "PairDatasetWriter", "derive_seed", "read_prompts", "read_video", "write_video",
-    "load_spec", "PluginManager", "build_pair_dataset", "Trainer",
-    "BuildContext", "GradientWindow", "Objective", "ObjectiveOutput", "Pair", "PairBatch", "PairSelector",
-    "PartConfig", "Policy", "PromptBatch", "Reward", "Rollout", "RunError", "SpecError", "StepContext",
-    "VpoError", "diffusion_dpo_loss", "dpo_pair_loss", "hookimpl", "iter_chunks",
-]
+__all__ = sorted(["RunError", "SpecError", "VpoError", "hookimpl", "BuildContext", "GradientWindow", "LoraSpec",
+                  "Objective", "ObjectiveConfig", "ObjectiveOutput", "Pair", "PairBatch", "PairSelector", "PartConfig", "Policy",
+                  "PolicyConfig", "PromptBatch", "Reward", "RewardConfig", "Rollout", "SelectorConfig", "StepContext", "Trajectory",
+                  "TrajectorySettings", "Transition", "iter_chunks", *_LAZY])

@@ -19,22 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-
 from .errors import VpoError
+from .types import LoraSpec
 
 REFERENCE = "reference"
-
-
-class LoraSpec(BaseModel):
-    """``lora:`` section of a policy config; plugins subclass it to set their default ``target_modules``."""
-
-    model_config = ConfigDict(extra="forbid")
-    rank: int = Field(16, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    # Module names (or name suffixes, as peft matches them) that get an adapter.
-    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v"])
 
 
 def sorted_config(config: Any) -> dict[str, Any]:
@@ -154,14 +142,19 @@ class TrainableModule:
                 target.data = parameter.detach().clone().float()
 
     # ------------------------------------------------------------------------------------------ state
+    # Under FSDP2 parameters are sharded DTensors: these gather them, so every rank must call them together.
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Learner weights under ``module.*`` (the reference adapter's names contain ``.reference.``), and the
         frozen copy under ``reference.*`` with full fine-tuning."""
-        state = {f"module.{n}": p.detach().clone() for n, p in self.module.named_parameters()
+        state = {f"module.{n}": _full(p) for n, p in self.module.named_parameters()
                  if self.lora is None or ".lora_" in n}
         if self.reference_copy is not None:
-            state.update({f"reference.{n}": t.detach().clone() for n, t in self.reference_copy.state_dict().items()})
+            state.update({f"reference.{n}": _full(t) for n, t in self.reference_copy.state_dict().items()})
         return state
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole module's state (base weights and adapters), gathered."""
+        return {name: _full(t) for name, t in self.module.state_dict().items()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor], what: str = "policy") -> None:
@@ -176,6 +169,11 @@ class TrainableModule:
             target = (parameters if prefix == "module" else reference).get(name)
             if target is None or target.shape != value.shape:
                 bad.append(key)
+            elif hasattr(target, "device_mesh"):  # an FSDP2 shard: keep this rank's part of the full tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                target.copy_(distribute_tensor(value.to(target.device, target.dtype), target.device_mesh,
+                                               target.placements))
             else:
                 target.copy_(value)
         if bad:
@@ -196,3 +194,9 @@ class TrainableModule:
                   str(directory / "adapter_model.safetensors"))
         config = sorted_config(self.module.peft_config["default"])
         (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached, unsharded copy (DTensor shards are all-gathered)."""
+    tensor = tensor.detach()
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).clone()

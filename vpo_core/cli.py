@@ -1,13 +1,16 @@
 """Command line: ``vpo run|validate|plugins|schema|report|build-pairs`` and ``vpo-run SPEC``.
 
 Exit codes: 0 done; 1 failure while running; 2 invalid spec or usage; 3 a needed plugin is missing or broken;
-128+N when stopped by signal N after saving a checkpoint (130 for Ctrl-C).
+128+N when stopped by signal N after saving a checkpoint (130 for Ctrl-C). A spec file is read (with the limits
+of docs/spec.md) before any plugin or model code is imported, so a bad file fails fast and small.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -17,76 +20,93 @@ from .errors import SpecError, VpoError
 EXIT_OK, EXIT_FAILURE, EXIT_SPEC, EXIT_PLUGIN = 0, 1, 2, 3
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse exits 2 already; keep its short usage message
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_SPEC, f"{self.prog}: error: {message}\n")
-
-
 def _plugin_manager():
     from .plugins import PluginManager
 
     return PluginManager()
 
 
-def _add_spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", help="YAML spec file")
+def _load(args, pm):
+    from .spec import apply_overrides, read_spec_file, resolve
+
+    source = read_spec_file(args.spec)
+    apply_overrides(source, args.overrides)
+    return resolve(source, pm())
+
+
+def _add_spec_args(p: argparse.ArgumentParser, many: bool = False) -> None:
+    p.add_argument("spec", nargs="+" if many else None, help="YAML spec file" + ("(s)" if many else ""))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec value, e.g. --set train.steps=10 (repeatable)")
 
 
+def resume_command(args) -> str:
+    """The command that continues this run, as it must be typed."""
+    words = ["vpo-run", args.spec, "--resume", *(["--output-dir", args.output_dir] if args.output_dir else [])]
+    for item in args.overrides:
+        words += ["--set", item]
+    return " ".join(shlex.quote(str(w)) for w in words)
+
+
 def cmd_run(args, pm) -> int:
     from .loop import Trainer
-    from .spec import load_spec
+    from .report import terminal_summary
 
-    resolved = load_spec(args.spec, pm, args.overrides)
-    trainer = Trainer(resolved, resume=args.resume, progress=not args.no_progress, output_dir=args.output_dir)
+    resolved = _load(args, pm)
+    trainer = Trainer(resolved, resume=args.resume, progress=not args.no_progress, output_dir=args.output_dir,
+                      allow_spec_change=args.allow_spec_change)
     try:
         result = trainer.run()
-    except VpoError:
+    except VpoError as exc:
+        if getattr(trainer, "trained", False):
+            exc.args = (f"{exc}\n  (what the run wrote is kept; continue with: {resume_command(args)})",)
         raise
     except KeyboardInterrupt:
-        print("vpo: interrupted; the last saved checkpoint is intact. Continue with --resume", file=sys.stderr)
+        print(f"vpo: interrupted; the last saved checkpoint is intact. Continue with: {resume_command(args)}",
+              file=sys.stderr)
         return 130
-    except Exception as exc:  # an unexpected failure: short message, traceback to a file
-        log = trainer.output_dir / "error.log"
-        try:
-            log.parent.mkdir(parents=True, exist_ok=True)
+    except Exception as exc:  # an unexpected failure: one line, the traceback in a file
+        where = ""
+        if trainer.output_dir.is_dir():
+            log = trainer.output_dir / "error.log"
             log.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
             where = f" (traceback in {log})"
-        except OSError:
-            where = ""
         print(f"vpo: run failed: {type(exc).__name__}: {exc}{where}", file=sys.stderr)
         return EXIT_FAILURE
-    if result.interrupted:
+    if not getattr(trainer, "main", True):
         return result.exit_code
-    print(f"vpo: done: {result.steps_done} steps; outputs in {result.output_dir} "
-          f"(report: {result.output_dir / 'report.html'})")
-    for key, value in sorted(result.final_metrics.items()):
-        if not key.endswith("_sem"):
-            print(f"  {key} = {value:.4f} ± {result.final_metrics.get(key + '_sem', 0.0):.4f}")
+    if result.interrupted:
+        print(f"vpo: stopped after step {result.steps_done}; checkpoint saved. Continue with: "
+              f"{resume_command(args)}", file=sys.stderr)
+        return result.exit_code
+    print(terminal_summary(result))
     return EXIT_OK
 
 
 def cmd_validate(args, pm) -> int:
-    from .spec import load_spec
+    """One line per file; the exit status is the worst of them."""
+    worst = EXIT_OK
+    for path in args.spec:
+        try:
+            from .spec import apply_overrides, read_spec_file, resolve
 
-    resolved = load_spec(args.spec, pm, args.overrides)
-    mode = getattr(resolved.objective.config, "requires", "pairs")
-    if mode == "pairs":
-        mode = "offline pairs" if resolved.spec.data.pairs else "online pairs"
-    print(f"{args.spec}: valid ({mode}; policy {resolved.policy.component.name}, objective "
-          f"{resolved.objective.component.name}, rewards: {', '.join(r.name for r in resolved.rewards) or 'none'})")
-    return EXIT_OK
+            source = read_spec_file(path)
+            apply_overrides(source, args.overrides)
+            r = resolve(source, pm())
+            print(f"{path}: valid ({r.mode}; policy {r.policy.component.name}, objective "
+                  f"{r.objective.component.name}, rewards: {', '.join(x.name for x in r.rewards) or 'none'})")
+        except VpoError as exc:
+            print(f"{path}: {str(exc).replace(chr(10), chr(10) + '  ')}")
+            worst = max(worst, exc.exit_code)
+    return worst
 
 
 def cmd_plugins(args, pm) -> int:
-    rows = []
-    for info in sorted(pm.plugins.values(), key=lambda p: p.name):
-        rows.append({"name": info.name, "distribution": info.distribution, "version": info.version,
-                     "parts": {k: v for k, v in info.parts.items() if v},
-                     "commands": sorted(c.name for c in pm.commands.values() if c.plugin == info.name),
-                     "error": info.error})
+    pm = pm()
+    rows = [{"name": info.name, "distribution": info.distribution, "version": info.version,
+             "parts": {k: v for k, v in info.parts.items() if v},
+             "commands": sorted(c.name for c in pm.commands.values() if c.plugin == info.name), "error": info.error}
+            for info in sorted(pm.plugins.values(), key=lambda p: p.name)]
     if args.json:
         print(json.dumps(rows, indent=1))
         return EXIT_OK
@@ -106,7 +126,7 @@ def cmd_plugins(args, pm) -> int:
 def cmd_schema(args, pm) -> int:
     from .spec import json_schema
 
-    print(json.dumps(json_schema(pm), indent=1))
+    print(json.dumps(json_schema(pm()), indent=1))
     return EXIT_OK
 
 
@@ -121,62 +141,78 @@ def cmd_report(args, pm) -> int:
 
 def cmd_build_pairs(args, pm) -> int:
     from .offline import build_pair_dataset
-    from .spec import load_spec
 
-    resolved = load_spec(args.spec, pm, args.overrides)
-    out = build_pair_dataset(resolved, Path(args.out), progress=not args.no_progress)
+    out = build_pair_dataset(_load(args, pm), Path(args.out), progress=not args.no_progress)
     print(f"vpo: pair dataset written to {out}")
     return EXIT_OK
 
 
-def _plugin_command(cmd):
-    def run(args, pm) -> int:
-        args.plugin_manager = pm  # commands that load specs reuse the already loaded plugins
-        return cmd.run(args)
-    return run
+def _versions() -> str:
+    from . import __version__
+
+    lines = [f"vpo-core {__version__}"]
+    pm = _plugin_manager()
+    for info in sorted(pm.plugins.values(), key=lambda p: p.name):
+        lines.append(f"  {info.distribution or info.name} {info.version or ''}{' (BROKEN)' if info.error else ''}")
+    return "\n".join(lines)
 
 
-def build_parser(pm) -> argparse.ArgumentParser:
-    parser = _Parser(prog="vpo", description="Align text-to-video models with video preference feedback.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+def build_parser(commands=()) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vpo", description="Align text-to-video models with video preference "
+                                                             "feedback.")
+    parser.add_argument("--version", action="store_true", help="print the core's and each plugin's version")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("run", help="train as the spec says (same as vpo-run SPEC)")
     _add_spec_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--resume", action="store_true", help="continue from the latest intact checkpoint in output_dir")
+    p.add_argument("--allow-spec-change", action="store_true",
+                   help="with --resume: apply spec changes beyond steps/cadence/logging (recorded in spec_changes.jsonl)")
     p.add_argument("--output-dir", help="override output_dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("validate", help="check a spec (and that its plugins are installed) without running")
-    _add_spec_args(p)
+    p = sub.add_parser("validate", help="check spec files (and that their plugins are installed) without running")
+    _add_spec_args(p, many=True)
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("plugins", help="list installed plugins and the parts they register")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plugins)
-    p = sub.add_parser("schema", help="print the JSON Schema of the spec (with installed plugins' configs)")
-    p.set_defaults(func=cmd_schema)
+    sub.add_parser("schema", help="print the JSON Schema of the spec (with installed plugins' configs)"
+                   ).set_defaults(func=cmd_schema)
     p = sub.add_parser("report", help="(re)write report.html of an output directory")
     p.add_argument("output_dir")
     p.set_defaults(func=cmd_report)
-    p = sub.add_parser("build-pairs", help="sample with the base policy, score, select and store pairs "
-                                           "(resumable: rerun to continue)")
+    p = sub.add_parser("build-pairs", help="sample with the base policy, score, select and store pairs (resumable)")
     _add_spec_args(p)
     p.add_argument("--out", required=True, help="pair dataset directory")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_build_pairs)
-    for cmd in sorted(pm.commands.values(), key=lambda c: c.name):
-        if cmd.name in sub.choices:
-            continue
-        p = sub.add_parser(cmd.name, help=cmd.help or f"from plugin {cmd.plugin}")
-        cmd.configure(p)
-        p.set_defaults(func=_plugin_command(cmd))
+    for cmd in commands:
+        if cmd.name not in sub.choices:
+            p = sub.add_parser(cmd.name, help=cmd.help or f"from plugin {cmd.plugin}")
+            cmd.configure(p)
+            p.set_defaults(func=_plugin_command(cmd))
     return parser
+
+
+def _plugin_command(cmd):
+    def run(args, pm) -> int:
+        args.plugin_manager = pm()  # commands that load specs reuse the already loaded plugins
+        return cmd.run(args)
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        pm = _plugin_manager()
-        parser = build_parser(pm)
+        pm = functools.lru_cache(maxsize=None)(_plugin_manager)  # plugins load once, and only when needed
+        builtin = {"run", "validate", "plugins", "schema", "report", "build-pairs"}
+        first = next((a for a in argv if not a.startswith("-")), None)
+        plugin_command = first is not None and first not in builtin  # plugins are needed to parse it
+        parser = build_parser(sorted(pm().commands.values(), key=lambda c: c.name) if plugin_command else ())
         args = parser.parse_args(argv)
+        if args.version:
+            print(_versions())
+            return EXIT_OK
         if not getattr(args, "func", None):
             parser.print_help()
             return EXIT_SPEC
@@ -184,16 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     except VpoError as exc:
         print(f"vpo: {exc}", file=sys.stderr)
         return exc.exit_code
-    except SystemExit as exc:  # argparse
+    except SystemExit as exc:  # argparse: usage errors exit 2 with their message
         return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_SPEC
 
 
 def run_main(argv: list[str] | None = None) -> int:
     """``vpo-run SPEC [--resume] ...`` == ``vpo run SPEC ...``."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        return main(["run", "--help"])
-    return main(["run", *argv])
+    return main(["run", "--help"] if argv[:1] in (["-h"], ["--help"]) else ["run", *argv])
 
 
 def console_main() -> None:

@@ -1,37 +1,45 @@
-"""The one training loop, on accelerate.
+"""The one training loop, on accelerate, for any number of processes.
 
-Modes (picked from the objective's ``requires`` and the spec's data):
-* online pairs  : the current policy samples N candidates per prompt -> rewards -> selector -> objective
-* offline pairs : batches come from a stored pair dataset (``data.pairs``)
-* rollout       : the objective samples with gradient and back-propagates a differentiable reward
+Modes (from what the objective requires and the spec's data): online pairs (the current policy samples N
+candidates per prompt -> rewards -> selector -> objective), offline pairs (a stored pair dataset) and rollout
+(the objective back-propagates a differentiable reward through a sampled video).
 
-Determinism: every random choice of step ``s`` (prompts, candidate seeds, timesteps, noise, dropout) derives
-from ``(seed, s)``; with the checkpointed weights, optimizer and scheduler this makes a resumed run end with
-the same weights as an uninterrupted one. RNG states are checkpointed as well.
+One optimizer step = collect every micro-step's batch, then learn: each chunk's loss is weighted by its share of
+the step's rows, so the update is the mean over all rows of the step, however they are split into micro-steps,
+chunks or processes. A micro-step's global batch and every random draw (prompts, candidate seeds, the
+objective's noise) are functions of (seed, position in the data stream) alone; each process takes a contiguous
+share of the rows. So the same spec ends with the same weights on 1 or N processes (float tolerance), and a
+resumed run equals an uninterrupted one. Gradients are synchronised by the engine (DDP's bucketed all-reduce,
+FSDP2's reduce-scatter) on the last backward of a step only; only the main process writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from . import checkpoint as ckpt
-from .data import PairDataset, derive_seed, ordered_indices, pairs_to_batch, read_prompts
-from .errors import RunError, SpecError, VpoError
+from .assembly import Parts, build_parts, call, check_pairs, check_rows, make_accelerator
+from .data import PairDataset, derive_seed, ordered_indices, pairs_to_batch
+from .errors import RunError, SpecError
 from .spec import ResolvedSpec
-from .types import BuildContext, PromptBatch, StepContext
-from .video import write_video
+from .types import Batch, Pair, PairBatch, PromptBatch, StepContext
 
-METRICS = "metrics.jsonl"
-EVALS = "eval.jsonl"
+METRICS, EVALS, CHANGES = "metrics.jsonl", "eval.jsonl", "spec_changes.jsonl"
+# Spec fields that may change on --resume (docs/spec.md); any other difference needs --allow-spec-change.
+RESUMABLE = ("output_dir", "train.steps", "checkpoint.", "eval.every", "eval.videos", "eval.video_format",
+             "eval.fps", "eval.video_scale", "logging.")
 
 
 @dataclass
@@ -41,23 +49,24 @@ class RunResult:
     interrupted: bool = False
     exit_code: int = 0
     final_metrics: dict[str, float] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+    wall_time: float = 0.0
 
 
-def build_lr_lambda(kind: str, warmup: int, total: int):
+def lr_lambda(kind: str, warmup: int, total: int):
     def fn(step: int) -> float:
         if kind != "constant" and warmup and step < warmup:
             return (step + 1) / warmup
         if kind == "linear":
             return max(0.0, (total - step) / max(1, total - warmup))
         if kind == "cosine":
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
         return 1.0
     return fn
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM: finish the current step, checkpoint, exit."""
+    """SIGINT/SIGTERM: finish the current step, checkpoint, exit (a second signal interrupts at once)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -65,14 +74,12 @@ class _StopFlag:
 
     def __enter__(self) -> "_StopFlag":
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread
                 self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. inside some test runners)
-                pass
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:  # second signal: the user insists
+        if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
         print(f"\nvpo: received {signal.Signals(signum).name}; finishing this step, then saving a checkpoint",
@@ -85,354 +92,395 @@ class _StopFlag:
 
 class Trainer:
     def __init__(self, resolved: ResolvedSpec, *, resume: bool = False, progress: bool = True,
-                 output_dir: str | Path | None = None) -> None:
-        self.r = resolved
-        self.spec = resolved.spec
+                 output_dir: str | Path | None = None, allow_spec_change: bool = False) -> None:
+        self.r, self.spec = resolved, resolved.spec
         self.output_dir = Path(output_dir or self.spec.output_dir)
-        self.resume = resume
-        self.progress = progress
+        self.resume, self.progress, self.allow_spec_change = resume, progress, allow_spec_change
+        self.lock: ckpt.RunLock | None = None
 
     # ------------------------------------------------------------------------------------------ set-up
-    def _prepare_output_dir(self) -> Path | None:
+    def _open_run_dir(self) -> Path | None:
+        """Create/lock the output directory (main process) -> the checkpoint to resume from, if any."""
         out = self.output_dir
         if out.exists() and not out.is_dir():
             raise SpecError(f"output_dir '{out}' exists and is not a directory", "output_dir")
-        latest = None
-        if out.is_dir():
-            ckpt.clean_partial(out)
-            latest = ckpt.latest_checkpoint(out)
-            has_work = latest is not None or (out / METRICS).exists() or (out / "final").exists()
-            if has_work and not self.resume:
-                raise SpecError(
-                    f"output_dir '{out}' already holds a run; continue it with --resume, or choose another "
-                    f"output_dir (nothing was changed)", "output_dir")
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True)
+            self.created_dir = True
+        except FileExistsError:
+            pass
+        self.lock = ckpt.RunLock(out)  # exits 2 naming the holder if another run has it
+        ckpt.clean_partial(out)  # safe: no other run can be writing here while we hold the lock
+        has_work = ckpt.list_checkpoints(out) or (out / METRICS).exists() or (out / "final").exists()
+        if has_work and not self.resume:
+            raise SpecError(f"output_dir '{out}' already holds a run; continue it with --resume, or choose another "
+                            f"output_dir (nothing was changed)", "output_dir")
+        latest = ckpt.resumable_checkpoint(out) if self.resume else None
+        if self.resume and latest is None:
+            print(f"vpo: --resume: no checkpoint in '{out}', starting from step 0", file=sys.stderr)
         return latest
 
-    def _build_parts(self) -> None:
-        """Accelerator and the four parts (shared by training and ``vpo build-pairs``)."""
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
-        spec = self.spec
-        trackers = spec.logging.trackers
-        if trackers == "auto":
-            trackers = ["tensorboard"] if _importable("tensorboard") else []
-        for t in trackers:
-            if not _importable(t if t != "tensorboard" else "tensorboard"):
-                raise SpecError(f"tracker '{t}' is not installed: pip install {t}", "logging.trackers")
-        cpu_only = not torch.cuda.is_available()
-        if spec.train.mixed_precision == "fp16" and cpu_only:
-            raise SpecError("mixed_precision fp16 needs a GPU; use 'bf16' or 'no' on CPU", "train.mixed_precision")
-        self.trackers = trackers
-        _reset_single_process_accelerate_state()
-        self.accelerator = Accelerator(mixed_precision=spec.train.mixed_precision, log_with=trackers or None,
-                                       project_dir=str(self.output_dir))
-        set_seed(spec.seed)
-        ctx = BuildContext(device=self.accelerator.device, seed=spec.seed, output_dir=self.output_dir,
-                           mixed_precision=spec.train.mixed_precision, allow_pickle=spec.safety.allow_pickle,
-                           trust_remote_code=spec.safety.trust_remote_code)
-        self.policy = _build_part(self.r.policy, ctx)
-        self.rewards = [(r.name, r.weight, _build_part(r, ctx)) for r in self.r.rewards]
-        self.selector = _build_part(self.r.selector, ctx) if self.r.selector is not None else None
-        self.objective = _build_part(self.r.objective, ctx)
-        self.requires = getattr(self.r.objective.config, "requires", getattr(self.objective, "requires", "pairs"))
-        if self.requires == "rollout":
-            for i, (name, _, reward) in enumerate(self.rewards):
-                if not getattr(reward, "differentiable", False):
-                    raise SpecError(f"reward '{name}' is not differentiable, but objective "
-                                    f"'{self.r.objective.component.name}' back-propagates through rewards; "
-                                    f"remove it or use a pair-based objective", f"rewards[{i}]")
-        self._check_score_keys()
-        self.train_prompts = read_prompts(spec.data.prompts, spec.data.prompts_file)
-        self.eval_prompts = read_prompts(spec.data.eval_prompts, spec.data.eval_prompts_file)
-        if spec.eval.max_prompts:
-            self.eval_prompts = self.eval_prompts[: spec.eval.max_prompts]
-
-    def _build(self) -> None:
-        self._build_parts()
-        spec = self.spec
-        self.pair_data = None
-        if self.requires == "pairs" and spec.data.pairs:
-            opener = getattr(self.objective, "open_pair_dataset", None)
-            if opener is not None:
-                self.pair_data = opener(spec.data.pairs, spec.data.pairs_format, self.policy)
-            elif spec.data.pairs_format != "vpo":
-                raise SpecError(f"pairs_format '{spec.data.pairs_format}' is not understood by objective "
-                                f"'{self.r.objective.component.name}'; use 'vpo'", "data.pairs_format")
-            else:
-                self.pair_data = PairDataset(spec.data.pairs)
-        elif self.requires == "pairs" and self.selector is None:
-            raise SpecError("online pairs need a `selector:` section", "selector")
-
-        self.policy.train(True)  # sampling switches to eval mode and back; losses run in train mode
-        self.params = [p for p in self.policy.trainable_parameters() if p.requires_grad]
-        if not self.params:
-            raise SpecError("the policy has no trainable parameters; check its LoRA / fine-tuning settings", "policy")
-        t = spec.train
-        optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, betas=tuple(t.adam_betas),
-                                      eps=t.adam_epsilon, weight_decay=t.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, build_lr_lambda(t.lr_scheduler, t.warmup_steps, t.steps))
-        self.optimizer = self.accelerator.prepare_optimizer(optimizer)
-        if self.trackers:
-            self.accelerator.init_trackers(spec.logging.project, config=_flat(self.r.to_dict()),
-                                           init_kwargs=_tracker_kwargs(self.trackers, spec.logging.run_name))
-
-    def _check_score_keys(self) -> None:
-        """Parts that expose ``score_keys`` name keys that some reward must provide: fail before sampling."""
-        available = {"total"} | {f"{name}.{dim}" for name, _, r in self.rewards for dim in getattr(r, "dimensions", ())}
-        for section, part in (("selector", self.selector), ("objective", self.objective)):
-            missing = [k for k in getattr(part, "score_keys", ()) or () if k not in available]
-            if missing:
-                raise SpecError(f"score key(s) {missing} are not provided by any reward; available keys: "
-                                f"{sorted(available)} ('<reward name>.<dimension>' or 'total')", section)
-
-    # ------------------------------------------------------------------------------------------ scoring
-    def score(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """All rewards -> {"<name>.<dim>": [B]} plus "total" = sum_r weight_r * mean over r's dims."""
-        out: dict[str, torch.Tensor] = {}
-        total = None
-        for name, weight, reward in self.rewards:
-            dims = reward.score(frames, prompts)
-            if not dims:
-                raise RunError(f"reward '{name}' returned no scores")
-            for dim, value in dims.items():
-                out[f"{name}.{dim}"] = value.float().reshape(-1).to(frames.device)
-            mean = torch.stack([v.float().reshape(-1) for v in dims.values()]).mean(0).to(frames.device)
-            total = weight * mean if total is None else total + weight * mean
-        if total is not None:
-            out["total"] = total
-        return out
-
-    # ------------------------------------------------------------------------------------------ steps
-    def _micro_index(self, step: int, micro: int) -> int:
-        return (step - 1) * self.spec.train.gradient_accumulation_steps + micro
-
-    def _shard(self, count: int, start: int) -> tuple[int, int]:
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        return start * world + rank * count, count
-
-    def _online_batch(self, step: int, micro: int, gen: torch.Generator, metrics: dict) -> Any:
+    def _setup(self) -> Path | None:
+        acc = self.accelerator = make_accelerator(self.r, self.output_dir)
+        self.main, self.world, self.rank = acc.is_main_process, acc.num_processes, acc.process_index
         t = self.spec.train
+        for count, key in ((t.prompts_per_step, "prompts_per_step"), (t.pairs_per_step, "pairs_per_step")):
+            if count % self.world:
+                raise SpecError(f"{count} is not divisible by the {self.world} processes; each process takes an "
+                                f"equal share of a micro-step's rows", f"train.{key}")
+        outcome: list[Any] = [None]
+        if self.main:
+            try:
+                outcome = [self._open_run_dir()]
+            except SpecError as exc:
+                outcome = [exc]
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            outcome = broadcast_object_list(outcome)
+        if isinstance(outcome[0], SpecError):
+            raise outcome[0]
+        self.parts: Parts = build_parts(self.r, acc, self.output_dir)
+        p = self.parts
+        self.policy = p.policy
+        self.pair_data = None
+        if self.r.mode == "offline pairs":
+            data = p.objective.open_pair_dataset(self.spec.data.pairs, self.spec.data.pairs_format, p.policy)
+            if data is None and self.spec.data.pairs_format != "vpo":
+                raise SpecError(f"pairs_format '{self.spec.data.pairs_format}' is not understood by objective "
+                                f"'{self.r.objective.component.name}'; use 'vpo'", "data.pairs_format")
+            self.pair_data = data if data is not None else PairDataset(self.spec.data.pairs)
+        self.policy.train(True)  # sampling switches to eval mode and back; losses run in train mode
+        if self.world > 1:  # route the trainable module's forward passes through the engine's wrapper
+            self.policy.trainable.wrap(acc.prepare_model)
+        params = [q for q in self.policy.trainable_parameters() if q.requires_grad]
+        if not params:
+            raise SpecError("the policy has no trainable parameters; check its LoRA / fine-tuning settings", "policy")
+        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=tuple(t.adam_betas), eps=t.adam_epsilon,
+                                      weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.lr_scheduler, t.warmup_steps,
+                                                                                t.steps))
+        self.optimizer = acc.prepare_optimizer(optimizer)
+        self.params = params
+        if self.r.trackers and self.main:
+            acc.init_trackers(self.spec.logging.project, config=_flat(self.r.to_dict()),
+                              init_kwargs={"wandb": {"name": self.spec.logging.run_name}}
+                              if self.spec.logging.run_name and "wandb" in self.r.trackers else {})
+        return outcome[0]
+
+    # ------------------------------------------------------------------------------------------ collect
+    def _share(self, rows: int) -> range:
+        """This process's contiguous share of a micro-step's ``rows`` (equal shares)."""
+        n = rows // self.world
+        return range(self.rank * n, (self.rank + 1) * n)
+
+    def _online(self, step: int, micro: int, metrics: dict) -> tuple[Batch | None, int] | None:
+        t, seed = self.spec.train, self.spec.seed
         p, n = t.prompts_per_step, t.candidates_per_prompt
-        start, count = self._shard(p, self._micro_index(step, micro) * p)
-        idx = ordered_indices(len(self.train_prompts), self.spec.seed, start, count)
-        prompts = [self.train_prompts[i] for i in idx]
+        first = ((step - 1) * t.gradient_accumulation_steps + micro) * p  # stream position of the first prompt
+        mine = self._share(p)
+        prompts = [self.parts.train_prompts[i] for i in
+                   ordered_indices(len(self.parts.train_prompts), seed, first + mine.start, len(mine))]
         rows = [pr for pr in prompts for _ in range(n)]
-        seeds = [derive_seed(self.spec.seed, "sample", step, micro, self.accelerator.process_index, i)
-                 for i in range(len(rows))]
+        seeds = [derive_seed(seed, "sample", first + g, j) for g in mine for j in range(n)]
         self.policy.train(False)
         with torch.no_grad():
-            rollout = self.policy.sample(rows, seeds, decode=True)
-            scores = self.score(rollout.frames, rows)
+            rollout = call(self.r.policy, "sample()", self.policy.sample, rows, seeds)
+            check_rows(self.r.policy, "sample() latents", rollout.latents, len(rows))
+            check_rows(self.r.policy, "sample() frames", rollout.frames, len(rows))
+            scores = self.parts.rewards.score(rollout.frames, rows)
         self.policy.train(True)
-        for key, value in scores.items():
-            metrics[f"reward/{key}"] = value.mean().item()
-        if not all(torch.isfinite(v).all() for v in scores.values()):
-            return "nonfinite"
-        grid = {k: v.reshape(p, n) for k, v in scores.items()}
-        pairs = self.selector.select(grid)
-        metrics["pairs"] = metrics.get("pairs", 0) + len(pairs)
-        if not pairs:
+        grid = {k: self._gather(v.reshape(len(mine), n)) for k, v in scores.items()}  # every process: [P, N]
+        for key, value in grid.items():
+            metrics[f"reward/{key}"] = value.float().mean().item()
+        if not all(torch.isfinite(v).all() for v in grid.values()):
             return None
-        return pairs_to_batch(pairs, rollout.latents, prompts, n)
+        pairs = check_pairs(self.r.selector, call(self.r.selector, "select()", self.parts.selector.select, grid), p, n)
+        metrics["pairs"] = metrics.get("pairs", 0) + len(pairs)
+        local = [Pair(q.prompt_index - mine.start, q.winner, q.loser, q.weight, q.margin)
+                 for q in pairs if q.prompt_index in mine]
+        noise_seeds = [derive_seed(seed, "noise", first + mine.start + q.prompt_index, q.winner, q.loser)
+                       for q in local]
+        if not local and pairs:  # another process trains; this one still takes part in the gradient sync
+            local, noise_seeds = [Pair(0, 0, 1, 0.0)], [0]
+        batch = pairs_to_batch(local, rollout.latents, prompts, n) if local else None
+        if batch is not None:
+            batch.seeds = noise_seeds
+        return batch, len(pairs)
 
-    def _offline_batch(self, step: int, micro: int) -> Any:
-        b = self.spec.train.pairs_per_step
-        start, count = self._shard(b, self._micro_index(step, micro) * b)
-        return self.pair_data.batch(ordered_indices(len(self.pair_data), self.spec.seed, start, count))
-
-    def _rollout_batch(self, step: int, micro: int) -> PromptBatch:
-        p = self.spec.train.prompts_per_step
-        start, count = self._shard(p, self._micro_index(step, micro) * p)
-        idx = ordered_indices(len(self.train_prompts), self.spec.seed, start, count)
-        seeds = [derive_seed(self.spec.seed, "rollout", step, micro, self.accelerator.process_index, i)
-                 for i in range(count)]
-        return PromptBatch([self.train_prompts[i] for i in idx], seeds)
-
-    def train_step(self, step: int) -> dict[str, float]:
-        """One optimizer step (all its micro-steps). Non-finite rewards/losses/gradients skip the update."""
+    def _offline(self, step: int, micro: int, metrics: dict) -> tuple[Batch, int]:
         t = self.spec.train
-        metrics: dict[str, float] = {"lr": self.scheduler.get_last_lr()[0]}  # the rate this step uses
-        torch.manual_seed(derive_seed(self.spec.seed, "torch", step))  # dropout etc. independent of history
+        first = ((step - 1) * t.gradient_accumulation_steps + micro) * t.pairs_per_step
+        mine = self._share(t.pairs_per_step)
+        batch = self.pair_data.batch(ordered_indices(len(self.pair_data), self.spec.seed, first + mine.start,
+                                                     len(mine)))
+        batch.seeds = [derive_seed(self.spec.seed, "noise", first + g) for g in mine]
+        metrics["pairs"] = metrics.get("pairs", 0) + t.pairs_per_step
+        return batch, t.pairs_per_step
+
+    def _rollout(self, step: int, micro: int, metrics: dict) -> tuple[Batch, int]:
+        t = self.spec.train
+        first = ((step - 1) * t.gradient_accumulation_steps + micro) * t.prompts_per_step
+        mine = self._share(t.prompts_per_step)
+        idx = ordered_indices(len(self.parts.train_prompts), self.spec.seed, first + mine.start, len(mine))
+        return (PromptBatch([self.parts.train_prompts[i] for i in idx],
+                            [derive_seed(self.spec.seed, "rollout", first + g) for g in mine]), t.prompts_per_step)
+
+    # ------------------------------------------------------------------------------------------ learn
+    def train_step(self, step: int) -> dict[str, Any]:
+        """One optimizer step. Non-finite rewards, losses or gradients skip the update (weights untouched)."""
+        t, seed = self.spec.train, self.spec.seed
+        metrics: dict[str, Any] = {"lr": self.scheduler.get_last_lr()[0]}
+        torch.manual_seed(derive_seed(seed, "torch", step, self.rank))  # dropout etc. independent of history
         self.optimizer.zero_grad(set_to_none=True)
-        status = "ok"
-        losses = []
+        collect = {"rollout": self._rollout, "offline pairs": self._offline, "online pairs": self._online}[self.r.mode]
+        batches, total, reason = [], 0, None
         for micro in range(t.gradient_accumulation_steps):
-            gen = torch.Generator(device="cpu").manual_seed(derive_seed(self.spec.seed, "step", step, micro))
-            if self.requires == "rollout":
-                batch = self._rollout_batch(step, micro)
-            elif self.pair_data is not None:
-                batch = self._offline_batch(step, micro)
-            else:
-                batch = self._online_batch(step, micro, gen, metrics)
-            if batch == "nonfinite":
-                status = "nonfinite"
+            got = collect(step, micro, metrics)
+            if got is None:
+                reason = "nonfinite"
                 break
-            if batch is None:
-                continue
-            ctx = StepContext(step=step, generator=gen, score=self.score,
-                              reward_weights={name: w for name, w, _ in self.rewards})
-            for chunk in self._chunks(batch):
-                with self.accelerator.autocast():
-                    out = self.objective.loss(self.policy, chunk, ctx)
-                share = _batch_size(chunk) / _batch_size(batch) / t.gradient_accumulation_steps
-                if not torch.isfinite(out.loss).all() or any(
-                        not torch.isfinite(v).all() for v in out.scores.values()):
-                    status = "nonfinite"
-                    break
-                self.accelerator.backward(out.loss * share)
-                losses.append(out.loss.item() * share * t.gradient_accumulation_steps)
-                for k, v in out.metrics.items():
-                    metrics[f"objective/{k}"] = v
-                for k, v in out.scores.items():
-                    metrics[f"reward/{k}"] = v.float().mean().item()
-            if status != "ok":
-                break
-        if status == "ok" and not losses:
-            status = "no_pairs"
-        if status == "ok":
-            self._sync_gradients()
-            grads_finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in self.params)
-            if not grads_finite:
-                status = "nonfinite"
-        if status == "ok":
+            batch, rows = got
+            total += rows
+            if batch is not None:
+                batches.append((micro, batch))
+        if reason is None and total == 0:
+            reason = "no_pairs"
+        if reason is None:
+            reason = self._learn(step, batches, total, metrics)
+        if reason is None:
             if t.max_grad_norm:
-                norm = self.accelerator.clip_grad_norm_(self.params, t.max_grad_norm)
-                metrics["grad_norm"] = float(norm)
+                metrics["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.params, t.max_grad_norm))
             self.optimizer.step()
             self.scheduler.step()
-            metrics["loss"] = sum(losses) / t.gradient_accumulation_steps
             metrics.update({f"objective/{k}": v for k, v in
-                            (_call_opt(self.objective, "after_optimizer_step", step, self.policy) or {}).items()})
+                            call(self.r.objective, "after_optimizer_step()", self.parts.objective.after_optimizer_step,
+                                 step, self.policy).items()})
         self.optimizer.zero_grad(set_to_none=True)
-        metrics["status"] = status
+        metrics["skipped"] = int(reason is not None)
+        if reason is not None:
+            metrics["skip_reason"] = reason
         return metrics
 
-    def _chunks(self, batch: Any) -> Iterator[Any]:
+    def _learn(self, step: int, batches: list[tuple[int, Batch]], total: int, metrics: dict) -> str | None:
         size = self.spec.train.pair_batch_size
-        n = _batch_size(batch)
-        if size is None or n <= size or not hasattr(batch, "winner_latents"):
-            yield batch
-            return
-        from .types import PairBatch
+        chunks = [(micro, b.rows(s) if size else b) for micro, b in batches
+                  for s in (_slices(len(b), size) if size else [None])]
+        wrapped = self.policy.trainable.forward_module if self.world > 1 else None
+        sums: dict[str, float] = {}
+        loss_sum, bad = 0.0, False
+        for i, (micro, chunk) in enumerate(chunks):
+            rows = len(chunk) if not (isinstance(chunk, PairBatch) and float(chunk.weights.sum()) == 0) else 0
+            gen = torch.Generator().manual_seed(derive_seed(self.spec.seed, "step", step, micro))
+            ctx = StepContext(step=step, generator=gen, score=self.parts.rewards.score)
+            sync = wrapped is None or i == len(chunks) - 1
+            with (contextlib.nullcontext() if sync else self.accelerator.no_sync(wrapped)):
+                with self.accelerator.autocast():
+                    out = call(self.r.objective, "loss()", self.parts.objective.loss, self.policy, chunk, ctx)
+                # mean over the rows of the whole step (and of every process: the engine averages over them)
+                self.accelerator.backward(out.loss * (len(chunk) / total * self.world if rows else 0.0))
+            finite = bool(torch.isfinite(out.loss).all()) and all(torch.isfinite(v).all() for v in out.scores.values())
+            bad = bad or not finite
+            loss_sum += float(out.loss.detach()) * rows
+            for k, v in [*out.metrics.items(), *((f"reward/{k}", float(v.float().mean())) for k, v in
+                                                 out.scores.items())]:
+                key = k if k.startswith("reward/") else f"objective/{k}"
+                sums[key] = sums.get(key, 0.0) + float(v) * rows
+        grads_bad = any(q.grad is not None and not torch.isfinite(q.grad).all() for q in self.params)
+        keys = sorted(sums)
+        totals = torch.tensor([float(bad or grads_bad), loss_sum, *(sums[k] for k in keys)], dtype=torch.float64)
+        if self.world > 1:  # one small all-reduce: the skip decision and the step's metrics, over every process
+            totals = self.accelerator.reduce(totals.to(self.accelerator.device), "sum").cpu()
+        metrics.update({k: float(v) / total for k, v in zip(keys, totals[2:])})
+        if totals[0] > 0:
+            return "nonfinite"
+        metrics["loss"] = float(totals[1]) / total
+        return None
 
-        for s in range(0, n, size):
-            sl = slice(s, s + size)
-            yield PairBatch(batch.winner_latents[sl], batch.loser_latents[sl], batch.prompts[sl],
-                            batch.weights[sl], None if batch.margins is None else batch.margins[sl])
-
-    def _sync_gradients(self) -> None:
-        if self.accelerator.num_processes > 1:  # no DDP wrapper: policies are composites, so reduce by hand
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(tensor.contiguous()) if self.world > 1 else tensor
 
     # ------------------------------------------------------------------------------------------ eval
     def evaluate(self, step: int, final: bool = False) -> dict[str, float]:
-        if not self.eval_prompts or not self.rewards:
+        """Held-out prompts x seeds (the same every evaluation), split over processes and gathered."""
+        from .video import write_video
+
+        p, e = self.parts, self.spec.eval
+        if not p.eval_prompts or not p.rewards:
             return {}
-        e = self.spec.eval
-        rows = [pr for pr in self.eval_prompts for _ in range(e.seeds_per_prompt)]
-        seeds = [derive_seed(self.spec.seed, "eval", i) for i in range(len(rows))]  # same every evaluation
+        rows = [pr for pr in p.eval_prompts for _ in range(e.seeds_per_prompt)]
+        seeds = [derive_seed(self.spec.seed, "eval", i) for i in range(len(rows))]
+        per = -(-len(rows) // self.world)
+        mine = range(min(len(rows), self.rank * per), min(len(rows), (self.rank + 1) * per))
         self.policy.train(False)
-        with torch.no_grad():
-            rollout = self.policy.sample(rows, seeds, decode=True)
-            scores = self.score(rollout.frames, rows)
+        records, videos = [], []
+        if len(mine):
+            with torch.no_grad():
+                rollout = call(self.r.policy, "sample()", self.policy.sample, rows[mine.start:mine.stop],
+                               seeds[mine.start:mine.stop])
+                check_rows(self.r.policy, "sample() frames", rollout.frames, len(mine))
+                scores = p.rewards.score(rollout.frames, rows[mine.start:mine.stop])
+            records = [{k: _finite_or_none(v[i]) for k, v in scores.items()} for i in range(len(mine))]
+            videos = [(r, (rollout.frames[r - mine.start].detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+                      for r in mine
+                      if r % e.seeds_per_prompt == 0 and r // e.seeds_per_prompt < e.videos]
         self.policy.train(True)
+        if self.world > 1:
+            records, videos = _gather_to_main(records), _gather_to_main(videos)
+        if not self.main:
+            return {}
+        keys = list(records[0]) if records else []
         record = {"step": step, "final": final, "prompts": rows, "seeds": seeds,
-                  "scores": {k: [float(x) for x in v.cpu()] for k, v in scores.items()}}
+                  "scores": {k: [r[k] for r in records] for k in keys}}
         with open(self.output_dir / EVALS, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        if self.accelerator.is_main_process:
-            ext = e.video_format
-            for i in range(min(e.videos, len(self.eval_prompts))):
-                path = self.output_dir / "samples" / ckpt.step_dir_name(step) / f"prompt-{i:02d}.{ext}"
-                write_video(path, rollout.frames[i * e.seeds_per_prompt], e.fps, e.video_scale)
+        for row, frames in videos:
+            path = self.output_dir / "samples" / ckpt.step_dir_name(step) / \
+                f"prompt-{row // e.seeds_per_prompt:02d}.{e.video_format}"
+            write_video(path, frames, e.fps, e.video_scale)
         out = {}
-        for k, v in scores.items():
-            v = v.float().cpu()
-            out[f"eval/{k}"] = v.mean().item()
-            out[f"eval/{k}_sem"] = (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else 0.0
+        for k in keys:
+            values = [v for v in record["scores"][k] if v is not None]
+            if len(values) < len(rows):
+                print(f"vpo: warning: {len(rows) - len(values)} of {len(rows)} held-out videos have no '{k}' score "
+                      f"(NaN); the mean is over the others", file=sys.stderr)
+                out[f"eval/{k}_nan"] = len(rows) - len(values)
+            if values:
+                mean = sum(values) / len(values)
+                sem = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) \
+                    if len(values) > 1 else 0.0
+                out[f"eval/{k}"], out[f"eval/{k}_sem"] = mean, sem
         return out
 
-    # ------------------------------------------------------------------------------------------ run
-    def _save(self, step: int, state: dict) -> Path:
-        return ckpt.save_checkpoint(
-            self.output_dir, step, policy_state=self.policy.state_dict_for_checkpoint(),
-            optimizer_state=self.optimizer.state_dict(), scheduler_state=self.scheduler.state_dict(),
-            trainer_state=state, keep_last=self.spec.checkpoint.keep_last)
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _save(self, step: int, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        policy_state = self.policy.state_dict_for_checkpoint()  # every process: gathers FSDP shards
+        optim_state = get_optimizer_state_dict(self.policy.trainable.module, self.optimizer.optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.main:
+            ckpt.save_checkpoint(self.output_dir, step, policy_state=policy_state, optimizer_state=optim_state,
+                                 scheduler_state=self.scheduler.state_dict(), trainer_state=state,
+                                 keep_last=self.spec.checkpoint.keep_last)
+        self.accelerator.wait_for_everyone()
 
     def _restore(self, path: Path) -> dict:
-        data = ckpt.load_checkpoint(path)
-        self.policy.load_state_dict_from_checkpoint(data["policy"])
-        self.optimizer.load_state_dict(data["optimizer"])
-        self.scheduler.load_state_dict(data["scheduler"])
-        ckpt.set_rng_state(data["state"]["rng"], data["rng_tensors"])
-        load = getattr(self.objective, "load_state_dict", None)
-        if load is not None and "objective" in data["state"]:
-            load(data["state"]["objective"])
-        return data["state"]
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        data = ckpt.load_checkpoint(path)
+        state = data["state"]
+        self._check_resumed_spec(state, path)
+        self.policy.load_state_dict_from_checkpoint(data["policy"])
+        set_optimizer_state_dict(self.policy.trainable.module, self.optimizer.optimizer, data["optimizer"],
+                                 options=StateDictOptions(full_state_dict=self.world > 1))
+        self.scheduler.load_state_dict(data["scheduler"])
+        if self.allow_spec_change:  # the new spec's optimizer settings apply for real, learning rate included
+            t = self.spec.train
+            self.scheduler.base_lrs = [t.learning_rate for _ in self.scheduler.base_lrs]
+            self.scheduler.lr_lambdas = [lr_lambda(t.lr_scheduler, t.warmup_steps, t.steps)]
+            for group in self.optimizer.optimizer.param_groups:
+                group.update(lr=t.learning_rate * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch),
+                             betas=tuple(t.adam_betas), eps=t.adam_epsilon, weight_decay=t.weight_decay)
+        # The loop re-seeds every step from (seed, step), so these only restore the global RNGs for plugins.
+        ckpt.set_rng_state(state["rng"], data["rng_tensors"])
+        self.parts.objective.load_state_dict(state.get("objective", {}))
+        return state
+
+    def _check_resumed_spec(self, state: dict, path: Path) -> None:
+        old, new = _flat(state.get("spec", {})), _flat(self.r.to_dict())
+        changes = [f"{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in sorted(set(old) | set(new))
+                   if old.get(k) != new.get(k) and not k.startswith(RESUMABLE) and old]
+        if changes and not self.allow_spec_change:
+            raise SpecError(f"the spec differs from the one checkpoint {path.name} was made with:\n    "
+                            + "\n    ".join(changes) + "\n  resume with the old values, or apply the new ones with "
+                            "--resume --allow-spec-change (both specs and the step are recorded in "
+                            f"{CHANGES})")
+        if changes and self.main:
+            with open(self.output_dir / CHANGES, "a") as fh:
+                fh.write(json.dumps({"step": state["step"], "changes": changes, "before": state.get("spec"),
+                                     "after": self.r.to_dict()}) + "\n")
+
+    # ------------------------------------------------------------------------------------------ run
     def _log(self, record: dict) -> None:
-        if not self.accelerator.is_main_process:
+        if not self.main:
             return
         with open(self.output_dir / METRICS, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self.accelerator.trackers:
-            self.accelerator.log(numeric, step=record["step"])
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
+                                 step=record["step"])
 
     def run(self) -> RunResult:
-        latest = self._prepare_output_dir()
-        self._build()
-        start_step = 0
-        counters = {"skipped_nonfinite": 0, "skipped_no_pairs": 0, "consecutive_nonfinite": 0}
-        if latest is not None:
-            state = self._restore(latest)
-            start_step = state["step"]
-            counters.update(state.get("counters", {}))
-            _truncate_jsonl(self.output_dir / METRICS, start_step)
-            _truncate_jsonl(self.output_dir / EVALS, start_step, keep_equal=True)
-            print(f"vpo: resumed from {latest} (step {start_step})", file=sys.stderr)
-        elif self.resume:
-            print(f"vpo: --resume: no checkpoint in '{self.output_dir}', starting from step 0", file=sys.stderr)
-        (self.output_dir / "spec.resolved.json").write_text(json.dumps(self.r.to_dict(), indent=1))
+        start = time.time()
+        self.created_dir, self.trained, failed_early = False, False, False
+        try:
+            latest = self._setup()
+            start_step, counters = 0, {"skipped_nonfinite": 0, "skipped_no_pairs": 0, "consecutive_nonfinite": 0}
+            if latest is not None:
+                state = self._restore(latest)
+                start_step = state["step"]
+                counters.update(state.get("counters", {}))
+                if self.main:
+                    _truncate_jsonl(self.output_dir / METRICS, start_step)
+                    _truncate_jsonl(self.output_dir / EVALS, start_step)
+                print(f"vpo: resumed from {latest} (step {start_step})", file=sys.stderr)
+            elif self.main and self.resume:  # killed before its first checkpoint: start over
+                _truncate_jsonl(self.output_dir / METRICS, -1)
+                _truncate_jsonl(self.output_dir / EVALS, -1)
+            if self.main:
+                (self.output_dir / "spec.resolved.json").write_text(json.dumps(self.r.to_dict(), indent=1))
+            if start_step == 0:
+                self._log({"step": 0, **self.evaluate(0), "time": time.time()})
+            result = self._train(start_step, counters)
+            if result.interrupted:
+                return result
+            result.final_metrics = self.evaluate(self.spec.train.steps, final=True)
+            if result.final_metrics:
+                self._log({"step": self.spec.train.steps, "final": 1, **result.final_metrics})
+            self._write_final()
+            if self.main:
+                from .report import write_report
 
-        steps = self.spec.train.steps
-        if start_step == 0:
-            self._log({"step": 0, **self.evaluate(0), "time": time.time()})
-        result = RunResult(self.output_dir, start_step)
-        bar = _progress(self.progress and self.accelerator.is_main_process, steps, start_step)
-        step = start_step
+                write_report(self.output_dir)
+            result.wall_time = time.time() - start
+            return result
+        except BaseException:
+            failed_early = self.created_dir and not self.trained
+            raise
+        finally:
+            self._cleanup(remove=failed_early)
+
+    def _train(self, start_step: int, counters: dict) -> RunResult:
+        steps, result = self.spec.train.steps, RunResult(self.output_dir, start_step, counters=counters)
+        bar = _progress(self.progress and self.main, steps, start_step)
         try:
             with _StopFlag() as stop:
                 for step in range(start_step + 1, steps + 1):
                     t0 = time.time()
                     metrics = self.train_step(step)
-                    status = metrics.pop("status")
-                    if status == "nonfinite":
-                        counters["skipped_nonfinite"] += 1
-                        counters["consecutive_nonfinite"] += 1
-                    else:
-                        counters["consecutive_nonfinite"] = 0
-                        if status == "no_pairs":
-                            counters["skipped_no_pairs"] += 1
-                    metrics.update({"step_time": time.time() - t0, "skipped": int(status != "ok"),
-                                    "skipped_nonfinite": counters["skipped_nonfinite"],
+                    self.trained = True
+                    reason = metrics.get("skip_reason")
+                    counters["consecutive_nonfinite"] = counters["consecutive_nonfinite"] + 1 \
+                        if reason == "nonfinite" else 0
+                    if reason:
+                        counters[f"skipped_{reason}"] += 1
+                    metrics.update({"step_time": time.time() - t0, "skipped_nonfinite": counters["skipped_nonfinite"],
                                     "skipped_no_pairs": counters["skipped_no_pairs"]})
                     if self.spec.eval.every and step % self.spec.eval.every == 0 and step != steps:
                         metrics.update(self.evaluate(step))
                     self._log({"step": step, **metrics})
                     bar.update(1)
-                    bar.set_postfix(loss=metrics.get("loss", float("nan")), status=status)
-                    state = {"counters": counters, "data_position": self._micro_index(step + 1, 0),
-                             "objective": _call_opt(self.objective, "state_dict")}
+                    bar.set_postfix(loss=metrics.get("loss", float("nan")), skipped=reason or "-")
+                    stopping = stop.signum is not None
+                    if self.world > 1:  # every process stops after the same step
+                        flag = torch.tensor([float(stopping)], device=self.accelerator.device)
+                        stopping = bool(self.accelerator.reduce(flag, "sum").item() > 0)
                     too_many = counters["consecutive_nonfinite"] >= self.spec.safety.max_consecutive_nonfinite
                     every = self.spec.checkpoint.every
-                    if too_many or stop.signum is not None or (every and step % every == 0) or step == steps:
-                        self._save(step, state)
+                    if too_many or stopping or (every and step % every == 0) or step == steps:
+                        self._save(step, {"counters": counters, "objective": self.parts.objective.state_dict(),
+                                          "spec": self.r.to_dict()})
                     result.steps_done = step
                     if too_many:
                         raise RunError(
@@ -440,82 +488,61 @@ class Trainer:
                             f"gradient (step {step}); stopped. Weights were left untouched by those steps and a "
                             f"checkpoint was saved: lower the learning rate or check the rewards, then --resume "
                             f"(or raise safety.max_consecutive_nonfinite)")
-                    if stop.signum is not None:
+                    if stopping:
                         result.interrupted = True
-                        result.exit_code = 128 + stop.signum
-                        print(f"vpo: stopped at step {step}; checkpoint saved. Continue with --resume",
-                              file=sys.stderr)
+                        result.exit_code = 128 + (stop.signum or signal.SIGTERM)
                         return result
         finally:
             bar.close()
-            if self.accelerator.trackers:
-                self.accelerator.end_training()
-        result.final_metrics = self.evaluate(steps, final=True)
-        if result.final_metrics:
-            self._log({"step": steps, "final": 1, **result.final_metrics})
-        self._write_final()
-        if self.accelerator.is_main_process:
-            from .report import write_report
-
-            write_report(self.output_dir)
         return result
 
     def _write_final(self) -> None:
-        import shutil
-
         import yaml
 
-        final = self.output_dir / "final"
-        tmp = self.output_dir / ".tmp-final"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        self.policy.save_pretrained(tmp)
+        final, tmp = self.output_dir / "final", self.output_dir / ".tmp-final"
+        # Sharded (FSDP2) weights are gathered inside save_pretrained: every process calls it, the others into
+        # a scratch directory.
+        target = tmp if self.main else Path(tempfile.mkdtemp(prefix="vpo-final-"))
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir()
+        self.policy.save_pretrained(target)
+        if not self.main:
+            shutil.rmtree(target, ignore_errors=True)
+            return
         (tmp / "spec.yaml").write_text(yaml.safe_dump(self.r.to_dict(), sort_keys=False))
-        if final.exists():
-            shutil.rmtree(final)
+        shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+
+    def _cleanup(self, remove: bool) -> None:
+        """Release the lock and the trackers; a run that failed before its first step removes the directory it
+        made (a later failure keeps everything written)."""
+        acc = getattr(self, "accelerator", None)
+        if acc is not None and acc.trackers:
+            acc.end_training()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if remove and self.output_dir.is_dir():
+            shutil.rmtree(self.output_dir, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _build_part(part, ctx: BuildContext) -> Any:
-    try:
-        return part.component.factory(part.config, ctx)
-    except VpoError:
-        raise
-    except Exception as exc:  # a plugin failed to build its part: name it
-        raise RunError(f"{part.kind} '{part.component.name}' (plugin '{part.component.plugin}') failed to "
-                       f"build: {type(exc).__name__}: {exc}") from exc
+def _slices(n: int, size: int) -> list[slice]:
+    return [slice(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-def _reset_single_process_accelerate_state() -> None:
-    """accelerate keeps a process-wide singleton; a second run in one process (tests, benchmarks) may ask for
-    another mixed precision. Multi-process launches keep their state untouched."""
-    from accelerate.state import AcceleratorState, PartialState
-
-    if PartialState._shared_state and PartialState().num_processes == 1:
-        AcceleratorState._reset_state(reset_partial_state=True)
+def _finite_or_none(value: torch.Tensor) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
-def _call_opt(obj: Any, name: str, *args: Any) -> Any:
-    fn = getattr(obj, name, None)
-    return fn(*args) if fn is not None else None
+def _gather_to_main(items: list) -> list:
+    """Concatenate every process's list on the main process, in rank order (others get [])."""
+    import torch.distributed as dist
 
-
-def _batch_size(batch: Any) -> int:
-    if hasattr(batch, "winner_latents"):
-        return batch.winner_latents.shape[0]
-    return len(batch.prompts)
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
-def _tracker_kwargs(trackers: list[str], run_name: str | None) -> dict:
-    return {"wandb": {"name": run_name}} if run_name and "wandb" in trackers else {}
+    out: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(items, out, dst=0)
+    return [x for part in out for x in part] if out is not None else []
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -524,24 +551,22 @@ def _flat(d: dict, prefix: str = "") -> dict:
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(_flat(v, key + "."))
-        elif isinstance(v, (int, float, str, bool)) or v is None:
-            out[key] = v
         else:
-            out[key] = str(v)
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v, sort_keys=True)
     return out
 
 
-def _truncate_jsonl(path: Path, step: int, keep_equal: bool = True) -> None:
-    """Drop records of steps after the checkpoint: they are redone after a resume."""
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Drop records of steps after the checkpoint (they are redone after a resume) and lines cut by SIGKILL."""
     if not path.exists():
         return
     kept = []
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by SIGKILL
+        except json.JSONDecodeError:
             continue
-        if rec.get("step", 0) < step or (keep_equal and rec.get("step", 0) == step and not rec.get("final")):
+        if rec.get("step", 0) < step or (rec.get("step", 0) == step and not rec.get("final")):
             kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 

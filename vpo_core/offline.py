@@ -8,40 +8,42 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from .assembly import build_parts, call, check_pairs, check_rows, make_accelerator
 from .data import PairDatasetWriter, derive_seed
 from .errors import SpecError
 from .spec import ResolvedSpec
 
 
 def build_pair_dataset(resolved: ResolvedSpec, out: Path, progress: bool = True) -> Path:
-    from .loop import Trainer, _progress
+    import torch
+
+    from .loop import _progress
 
     if resolved.selector is None:
         raise SpecError("building pairs needs a `selector:` section", "selector")
     if not resolved.rewards:
         raise SpecError("building pairs needs at least one reward", "rewards")
-    trainer = Trainer(resolved, output_dir=out)
-    trainer.output_dir.mkdir(parents=True, exist_ok=True)
-    trainer._build_parts()
-    spec = resolved.spec
-    n = spec.train.candidates_per_prompt
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = build_parts(resolved, make_accelerator(resolved, out), out)
+    spec, n = resolved.spec, resolved.spec.train.candidates_per_prompt
     writer = PairDatasetWriter(out, {"candidates": n, "policy": resolved.policy.component.name,
                                      "selector": resolved.selector.component.name, "seed": spec.seed})
-    prompts = trainer.train_prompts
+    prompts = parts.train_prompts
     todo = [i for i in range(len(prompts)) if not writer.has_group(i)]
     bar = _progress(progress, len(prompts), len(prompts) - len(todo))
-    trainer.policy.train(False)
+    parts.policy.train(False)
     try:
         for i in todo:
             seeds = [derive_seed(spec.seed, "pairs", i, j) for j in range(n)]
             with torch.no_grad():
-                rollout = trainer.policy.sample([prompts[i]] * n, seeds, decode=True)
-                scores = trainer.score(rollout.frames, [prompts[i]] * n)
-            pairs = trainer.selector.select({k: v.reshape(1, n) for k, v in scores.items()})
-            writer.write_group(i, prompts[i], rollout.latents, seeds, scores, pairs)
+                rollout = call(resolved.policy, "sample()", parts.policy.sample, [prompts[i]] * n, seeds)
+                scores = parts.rewards.score(check_rows(resolved.policy, "sample() frames", rollout.frames, n),
+                                             [prompts[i]] * n)
+            pairs = call(resolved.selector, "select()", parts.selector.select,
+                         {k: v.reshape(1, n) for k, v in scores.items()})
+            writer.write_group(i, prompts[i], rollout.latents, seeds, scores, check_pairs(resolved.selector, pairs, 1, n))
             bar.update(1)
     finally:
         bar.close()
-    return Path(out)
+    return out

@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pluggy
-from pydantic import BaseModel
-
 from . import hookspecs
 from .errors import PluginError, SpecError
-from .types import KINDS, Kind, PartConfig
+from .hookspecs import Register
+from .types import CONFIG_BASES, KINDS, Kind, PartConfig
 
 ENTRY_POINT_GROUP = "vpo"
 
@@ -39,6 +38,7 @@ class Component:
     factory: Callable[..., Any]
     config_model: type[PartConfig]
     plugin: str
+    origin: str = ""  # "plugin 'x' (vpo-x 0.1.0)": how errors name the plugin behind a part
 
 
 @dataclass
@@ -169,12 +169,14 @@ class PluginManager:
         registered: list[Component] = []
         commands: list[Command] = []
 
-        def part_register(kind: Kind) -> Callable[..., None]:
-            def register(part_name: str, factory: Callable[..., Any],
-                         config_model: type[BaseModel] = PartConfig) -> None:
-                if not isinstance(config_model, type) or not issubclass(config_model, BaseModel):
-                    raise TypeError(f"config_model of {kind} '{part_name}' must be a pydantic model class")
-                registered.append(Component(kind, part_name, factory, config_model, name))
+        def part_register(kind: Kind) -> Register:
+            base = CONFIG_BASES[kind]
+
+            def register(part_name: str, factory: Callable[..., Any], config_model: type[PartConfig] = base) -> None:
+                if not isinstance(config_model, type) or not issubclass(config_model, base):
+                    raise TypeError(f"config_model of {kind} '{part_name}' must subclass vpo_core.{base.__name__}, "
+                                    f"got {config_model!r}")
+                registered.append(Component(kind, part_name, factory, config_model, name, info.describe()))
             return register
 
         def command_register(cmd_name: str, configure: Callable, run: Callable, help: str = "") -> None:

@@ -34,6 +34,7 @@ class PartSpec(BaseModel):
 class RewardSpec(PartSpec):
     name: Optional[str] = Field(None, description="Alias used in score keys '<name>.<dimension>'; default: type.")
     weight: float = Field(1.0, description="Weight of this reward in the 'total' score.")
+    timeout_s: Optional[float] = Field(None, gt=0, description="A score() call taking longer fails the run.")
 
 
 class DataSpec(Strict):
@@ -117,23 +118,16 @@ class RunSpec(Strict):
         return self
 
 
-REWARD_CORE_KEYS = ("type", "name", "weight")
+REWARD_CORE_KEYS = ("type", "name", "weight", "timeout_s")
 
 
 # ----------------------------------------------------------------------------------------------- YAML
-def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
-    """Path of every YAML node (keys and list indices) -> 1-based line."""
-    out = {} if out is None else out
-    out[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = key_node.value
-            _line_map(value_node, path + (key,), out)
-            out[path + (key,)] = key_node.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _line_map(item, path + (i,), out)
-    return out
+# A spec is untrusted input: these limits (documented in docs/spec.md) bound the time and memory of reading one.
+MAX_SPEC_BYTES = 1 << 20  # 1 MiB; long prompt lists belong in `prompts_file`
+MAX_DEPTH = 32  # nesting of mappings and lists (a real spec uses about 5)
+MAX_NODES = 100_000  # values after expanding aliases (an alias bomb expands exponentially)
+MAX_STRING = 10_000  # characters in one string
+MAX_NUMBER = 64  # characters in one number
 
 
 @dataclass
@@ -141,40 +135,123 @@ class SpecSource:
     data: Any
     lines: dict[tuple, int]
     name: str
+    overrides: dict[tuple, str] = field(default_factory=dict)  # path -> "--set KEY=VALUE" that set it
 
     def line(self, path: tuple) -> int | None:
         while path not in self.lines and path:
             path = path[:-1]
         return self.lines.get(path)
 
+    def where(self, path: tuple) -> tuple[str, int | None]:
+        """(path text, line) of a value; values given with --set are named by that option, not a line."""
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.overrides:
+                return f"{_fmt_path(path)} (from {self.overrides[path[:n]]})", None
+        return _fmt_path(path), self.line(path)
+
 
 def read_spec_file(path: str | Path) -> SpecSource:
     path = Path(path)
-    if not path.exists():
-        raise SpecError(f"spec file '{path}' does not exist")
-    if path.is_dir():
-        raise SpecError(f"'{path}' is a directory; give the path of a YAML spec file")
+    if not path.is_file():
+        raise SpecError(f"'{path}' is a directory; give the path of a YAML spec file" if path.is_dir()
+                        else f"spec file '{path}' does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"cannot read spec file '{path}': {exc}") from None
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_SPEC_BYTES + 1)
+    except OSError as exc:
+        raise SpecError(f"cannot read spec file '{path}': {exc.strerror or exc}") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"spec file '{path}' is larger than {MAX_SPEC_BYTES >> 10} KiB, more than any spec needs; "
+                        f"put long prompt lists in a `data.prompts_file`")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise SpecError(f"spec file '{path}' is not UTF-8 text (byte {exc.start})", line=line) from None
     return parse_spec_text(text, str(path))
 
 
-def parse_spec_text(text: str, name: str = "<spec>") -> SpecSource:
+def parse_yaml(text: str, what: str = "the spec") -> tuple[Any, dict[tuple, int]]:
+    """Safe YAML with the limits above -> (plain data, {path: line}). One document, no tags; aliases and merge
+    keys are allowed but count towards ``MAX_NODES`` as if written out."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)  # safe loading only: no python objects
+        events = yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        depth = documents = count = 0
+        for event in events:  # a flat pass first: cheap, and no recursion on deep nesting
+            count += 1
+            tag = getattr(event, "tag", None)
+            if tag is not None and not isinstance(event, yaml.DocumentStartEvent):
+                raise SpecError(f"YAML tags are not allowed in {what} (found '{tag}')", line=event.start_mark.line + 1)
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise SpecError(f"{what} nests deeper than {MAX_DEPTH} levels", line=event.start_mark.line + 1)
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+            elif isinstance(event, yaml.DocumentStartEvent):
+                documents += 1
+                if documents > 1:
+                    raise SpecError(f"{what} holds several YAML documents ('---'); keep one",
+                                    line=event.start_mark.line + 1)
+            if count > MAX_NODES:
+                raise SpecError(f"{what} has more than {MAX_NODES} values")
+        node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(f"not valid YAML: {problem}", line=line) from None
-    if node is None or data is None:
+        raise SpecError(f"not valid YAML: {problem}", line=mark.line + 1 if mark is not None else None) from None
+    lines: dict[tuple, int] = {}
+    budget = [MAX_NODES]
+    return (None if node is None else _plain(node, (), lines, budget, 0, what)), lines
+
+
+_SCALARS = {"tag:yaml.org,2002:null": lambda v: None, "tag:yaml.org,2002:bool": lambda v: v.lower() in (
+    "yes", "true", "on", "y"), "tag:yaml.org,2002:int": None, "tag:yaml.org,2002:float": None}
+
+
+def _plain(node: yaml.Node, path: tuple, lines: dict, budget: list[int], depth: int, what: str) -> Any:
+    """A composed node -> dicts, lists and scalars, with alias expansion bounded by ``budget``."""
+    line = node.start_mark.line + 1
+    lines.setdefault(path, line)
+    budget[0] -= 1
+    if budget[0] < 0 or depth > MAX_DEPTH:  # an alias bomb, or an alias that contains itself
+        raise SpecError(f"{what} expands (through aliases) to more than {MAX_NODES} values or {MAX_DEPTH} levels",
+                        line=line)
+    if isinstance(node, yaml.SequenceNode):
+        return [_plain(item, path + (i,), lines, budget, depth + 1, what) for i, item in enumerate(node.value)]
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges a mapping (or a list of them)
+                merged = _plain(value_node, path, lines, budget, depth + 1, what)
+                for item in merged if isinstance(merged, list) else [merged]:
+                    if not isinstance(item, dict):
+                        raise SpecError("a YAML merge key '<<' must name a mapping", line=line)
+                    out.update({k: v for k, v in item.items() if k not in out})
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise SpecError(f"keys of {what} must be plain names", line=key_node.start_mark.line + 1)
+            key = key_node.value
+            lines[path + (key,)] = key_node.start_mark.line + 1
+            out[key] = _plain(value_node, path + (key,), lines, budget, depth + 1, what)
+        return out
+    value = node.value
+    if node.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and len(value) > MAX_NUMBER:
+        raise SpecError(f"a number of {len(value)} characters in {what}; numbers are at most {MAX_NUMBER}", line=line)
+    if len(value) > MAX_STRING:
+        raise SpecError(f"a string of {len(value)} characters in {what}; strings are at most {MAX_STRING}", line=line)
+    if node.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+        return yaml.SafeLoader("").construct_object(node)
+    return _SCALARS[node.tag](value) if node.tag in _SCALARS else value  # timestamps etc. stay text
+
+
+def parse_spec_text(text: str, name: str = "<spec>") -> SpecSource:
+    data, lines = parse_yaml(text)
+    if data is None:
         raise SpecError(f"spec '{name}' is empty; see README 'Spec reference' for a minimal spec")
     if not isinstance(data, dict):
         raise SpecError(f"the spec must be a YAML mapping (key: value), got a {type(data).__name__}", line=1)
-    return SpecSource(data, _line_map(node), name)
+    return SpecSource(data, lines, name)
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -213,8 +290,7 @@ def _errors_from_validation(exc: ValidationError, source: SpecSource, model: typ
     for err in exc.errors():
         loc = tuple(err["loc"])
         full = prefix + loc
-        path = _fmt_path(full)
-        line = source.line(full)
+        path, line = source.where(full)
         if err["type"] == "extra_forbidden":
             owner = _model_at(model, loc[:-1])
             known = sorted(owner.model_fields) if owner else []
@@ -240,6 +316,7 @@ class ResolvedPart:
     config: PartConfig
     name: str  # rewards: alias used in score keys; others: the type
     weight: float = 1.0
+    timeout_s: float | None = None
 
 
 @dataclass
@@ -250,32 +327,43 @@ class ResolvedSpec:
     selector: ResolvedPart | None
     objective: ResolvedPart
     source_name: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    trackers: list[str] = field(default_factory=list)
+
+    @property
+    def requires(self) -> str:
+        return self.objective.config.requires
+
+    @property
+    def mode(self) -> str:
+        """"online pairs", "offline pairs", "rollout" or "trajectories"."""
+        if self.requires != "pairs":
+            return self.requires
+        return "offline pairs" if self.spec.data.pairs else "online pairs"
 
     def to_dict(self) -> dict[str, Any]:
         """The spec with every default filled in (written to final/spec.yaml)."""
         out = self.spec.model_dump(mode="json", exclude={"policy", "rewards", "selector", "objective"})
-        out["policy"] = {"type": self.policy.component.name, **self.policy.config.model_dump(mode="json")}
-        out["rewards"] = [{"type": r.component.name, "name": r.name, "weight": r.weight,
+        for kind in ("policy", "selector", "objective"):
+            part = getattr(self, kind)
+            if part is not None:
+                out[kind] = {"type": part.component.name, **part.config.model_dump(mode="json")}
+        out["rewards"] = [{"type": r.component.name, "name": r.name, "weight": r.weight, "timeout_s": r.timeout_s,
                            **r.config.model_dump(mode="json")} for r in self.rewards]
-        if self.selector is not None:
-            out["selector"] = {"type": self.selector.component.name, **self.selector.config.model_dump(mode="json")}
-        out["objective"] = {"type": self.objective.component.name, **self.objective.config.model_dump(mode="json")}
         return out
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> None:
-    """``--set train.steps=3``: dotted path = YAML value."""
+def apply_overrides(source: SpecSource, overrides: list[str]) -> None:
+    """``--set train.steps=3``: dotted path = YAML value (read with the spec's limits)."""
+    data = source.data
     for item in overrides:
-        if "=" not in item:
-            raise SpecError(f"--set expects KEY=VALUE (e.g. train.steps=10), got '{item}'")
-        key, raw = item.split("=", 1)
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set expects KEY=VALUE (e.g. train.steps=10), got '{item[:80]}'")
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        target = data
-        parts = key.split(".")
+            value = parse_yaml(raw, f"--set {key}")[0]
+        except SpecError as exc:
+            raise SpecError(f"--set {key}=...: {exc.message}") from None
+        target, parts = data, key.split(".")
         for part in parts[:-1]:
             if isinstance(target, list) and part.isdigit() and int(part) < len(target):
                 target = target[int(part)]
@@ -290,6 +378,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> None:
             target[last] = value
         else:
             raise SpecError(f"--set {key}: cannot set '{last}' there")
+        path = tuple(int(p) if p.isdigit() and isinstance(t, list) else p for p, t in zip(parts, _walk(data, parts)))
+        source.overrides[path] = f"--set {key}={raw[:60]}"
+
+
+def _walk(data: Any, parts: list[str]) -> list[Any]:
+    """The container each part of a dotted path indexes into."""
+    out = []
+    for part in parts:
+        out.append(data)
+        data = data[int(part)] if isinstance(data, list) else data.get(part) if isinstance(data, dict) else None
+    return out
 
 
 def resolve(source: SpecSource, pm: PluginManager) -> ResolvedSpec:
@@ -298,12 +397,11 @@ def resolve(source: SpecSource, pm: PluginManager) -> ResolvedSpec:
         spec = RunSpec.model_validate(source.data)
     except ValidationError as exc:
         raise SpecErrors(_errors_from_validation(exc, source, RunSpec), source.name) from None
-
     errors: list[SpecError] = []
 
     def part(kind: Kind, section: PartSpec, loc: tuple, core_keys: tuple = ("type",)) -> ResolvedPart | None:
         try:
-            comp = pm.get(kind, section.type, _fmt_path(loc + ("type",)), source.line(loc + ("type",)))
+            comp = pm.get(kind, section.type, *source.where(loc + ("type",)))
         except SpecError as exc:
             errors.append(exc)
             return None
@@ -313,41 +411,80 @@ def resolve(source: SpecSource, pm: PluginManager) -> ResolvedSpec:
         except ValidationError as exc:
             errors.extend(_errors_from_validation(exc, source, comp.config_model, loc))
             return None
-        name = getattr(section, "name", None) or section.type
-        return ResolvedPart(kind, comp, config, name, getattr(section, "weight", 1.0))
+        return ResolvedPart(kind, comp, config, getattr(section, "name", None) or section.type,
+                            getattr(section, "weight", 1.0), getattr(section, "timeout_s", None))
 
-    policy = part("policy", spec.policy, ("policy",))
-    rewards = [part("reward", r, ("rewards", i), REWARD_CORE_KEYS) for i, r in enumerate(spec.rewards)]
-    selector = part("selector", spec.selector, ("selector",)) if spec.selector is not None else None
-    objective = part("objective", spec.objective, ("objective",))
-
+    resolved = ResolvedSpec(spec, part("policy", spec.policy, ("policy",)),
+                            [part("reward", r, ("rewards", i), REWARD_CORE_KEYS) for i, r in enumerate(spec.rewards)],
+                            part("selector", spec.selector, ("selector",)) if spec.selector is not None else None,
+                            part("objective", spec.objective, ("objective",)), source.name)
     if not errors:
-        # Objective config models declare ``requires: ClassVar[...] = "pairs" | "rollout"``.
-        requires = getattr(objective.config, "requires", None)
-        online_pairs = requires != "rollout" and not spec.data.pairs
-        if online_pairs and selector is None and requires == "pairs":
-            errors.append(SpecError(
-                "objective needs preference pairs: add a `selector:` section (e.g. `type: best_worst`) "
-                "or point `data.pairs` at a stored pair dataset", "selector", source.line(("objective",))))
-        if requires in ("pairs", "rollout") and not spec.rewards and not spec.data.pairs:
-            errors.append(SpecError("this objective needs at least one reward in `rewards:`", "rewards",
-                                    source.line(("objective",))))
-        if not (spec.data.prompts or spec.data.prompts_file or spec.data.pairs):
-            errors.append(SpecError("no training data: set `data.prompts`, `data.prompts_file` or `data.pairs`",
-                                    "data", source.line(("data",))))
-        for key in ("prompts_file", "eval_prompts_file"):
-            value = getattr(spec.data, key)
-            if value and not Path(value).is_file():
-                errors.append(SpecError(f"file '{value}' does not exist", f"data.{key}", source.line(("data", key))))
+        errors = check_spec(resolved, source)
     if errors:
         raise SpecErrors(errors, source.name)
-    return ResolvedSpec(spec, policy, rewards, selector, objective, source.name)
+    return resolved
+
+
+def check_spec(r: ResolvedSpec, source: SpecSource) -> list[SpecError]:
+    """Every check that needs only the spec and the installed plugins' declarations (no model is loaded)."""
+    import importlib.util
+
+    spec, errors = r.spec, []
+
+    def error(message: str, *path: Any) -> None:
+        errors.append(SpecError(message, *source.where(path)))
+    requires, name = r.requires, r.objective.component.name
+    if r.mode == "online pairs" and r.selector is None:
+        error("objective needs preference pairs: add a `selector:` section (e.g. `type: best_worst`) or point "
+              "`data.pairs` at a stored pair dataset", "selector")
+    if r.mode != "offline pairs" and not r.rewards:
+        error(f"objective '{name}' ({r.mode}) needs at least one reward in `rewards:`", "rewards")
+    if not (spec.data.prompts or spec.data.prompts_file or spec.data.pairs):
+        error("no training data: set `data.prompts`, `data.prompts_file` or `data.pairs`", "data")
+    for key in ("prompts_file", "eval_prompts_file"):
+        value = getattr(spec.data, key)
+        if value and not Path(value).is_file():
+            error(f"file '{value}' does not exist", "data", key)
+    if requires == "trajectories" and "trajectories" not in r.policy.config.capabilities:
+        error(f"objective '{name}' trains on recorded denoising trajectories, which policy "
+              f"'{r.policy.component.name}' does not offer (capability 'trajectories')", "objective", "type")
+    keys = {"total"}
+    for i, reward in enumerate(r.rewards):
+        try:
+            keys |= {f"{reward.name}.{d}" for d in reward.config.score_dimensions()}
+        except NotImplementedError as exc:
+            error(f"{reward.component.origin}: {exc}", "rewards", i, "type")
+        if requires == "rollout" and not reward.config.differentiable:
+            error(f"reward '{reward.name}' is not differentiable, but objective '{name}' back-propagates through "
+                  f"the rewards; remove it or use a pair-based objective", "rewards", i)
+    for kind in ("selector", "objective"):
+        part = getattr(r, kind)
+        missing = [k for k in (part.config.score_keys() if part is not None else ()) if k not in keys]
+        if missing:
+            error(f"score key(s) {missing} are not provided by any reward; available keys: {sorted(keys)} "
+                  f"('<reward name>.<dimension>' or 'total')", kind)
+    if spec.train.mixed_precision == "fp16" and not _cuda_available():
+        error("mixed_precision fp16 needs a GPU; use 'bf16' or 'no' on CPU", "train", "mixed_precision")
+    trackers = spec.logging.trackers
+    if trackers == "auto":
+        trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    for t in trackers:
+        if importlib.util.find_spec(t) is None:
+            error(f"tracker '{t}' is not installed: pip install {t}", "logging", "trackers")
+    r.trackers = list(trackers)
+    return errors
+
+
+def _cuda_available() -> bool:
+    import torch  # only a spec asking for fp16 pays for this import
+
+    return torch.cuda.is_available()
 
 
 def load_spec(path: str | Path, pm: PluginManager, overrides: list[str] | None = None) -> ResolvedSpec:
     source = read_spec_file(path)
     if overrides:
-        apply_overrides(source.data, overrides)
+        apply_overrides(source, overrides)
     return resolve(source, pm)
 
 

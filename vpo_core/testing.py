@@ -1,7 +1,7 @@
 """Tiny pure-torch parts for testing the core and for trying vpo without any model (``VPO_EXTRA_PLUGINS=vpo_core.testing``).
 
 * policy ``toy``: a per-pixel eps-prediction denoiser over "latents" ``[B,T,3,H,W]``; frames = sigmoid(latents);
-  DDIM sampling; the reference is a frozen copy of the weights (tiny, so a copy is fine here).
+  DDIM sampling; full fine-tuning through ``TrainableModule`` (the reference is its frozen copy).
 * reward ``toy_brightness``: dims ``brightness`` (mean pixel) and ``smoothness`` (1 - mean |frame difference|).
 * selector ``toy_best_worst`` and objectives ``toy_dpo`` (Diffusion-DPO from the core) and
   ``toy_reward_gradient`` (maximise the total reward through the last denoising steps).
@@ -10,20 +10,20 @@ The first-party plugins provide the real versions of these (vpo-onlinevpo, vpo-v
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from pathlib import Path
-from typing import ClassVar, Iterator, Literal
+from typing import ClassVar, Literal
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from torch.func import functional_call
 
+from .adapters import TrainableModule
 from .dpo import dpo_pair_loss
 from .hookspecs import hookimpl
-from .types import (BuildContext, GradientWindow, ObjectiveOutput, Pair, PairBatch, PartConfig, PromptBatch,
-                    Rollout, StepContext)
+from .sampling import randn_rows, row_generators
+from .types import (BuildContext, GradientWindow, Objective, ObjectiveConfig, ObjectiveOutput, Pair, PairBatch,
+                    PolicyConfig, PromptBatch, RewardConfig, Rollout, SelectorConfig, StepContext)
 
 
 # A complete spec over the toy parts (``{out}`` is the output directory), used by the core's tests.
@@ -56,7 +56,7 @@ logging:
 """
 
 
-class ToyPolicyConfig(PartConfig):
+class ToyPolicyConfig(PolicyConfig):
     frames: int = 4
     size: int = 8
     hidden: int = 32
@@ -77,50 +77,40 @@ class ToyDenoiser(nn.Module):
         self.inp = nn.Linear(3, hidden)
         self.out = nn.Linear(hidden, 3)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         h = self.inp(x.movedim(2, -1))  # [B,T,H,W,hidden]
-        cond = text + self.time(t.float().unsqueeze(-1) / 1000)
+        cond = self.text(ids, offsets) + self.time(t.float().unsqueeze(-1) / 1000)
         h = torch.nn.functional.silu(h + cond[:, None, None, None, :])
         return self.out(h).movedim(-1, 2)
 
 
 class ToyPolicy:
+    """Full fine-tuning of a per-pixel denoiser; the reference is the TrainableModule's frozen copy."""
+
     def __init__(self, config: ToyPolicyConfig, context: BuildContext) -> None:
         self.config = config
         self.device = context.device
         torch.manual_seed(context.seed)
-        self.net = ToyDenoiser(config.hidden, config.text_buckets).to(self.device)
-        self.reference = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        self._use_ref = False
+        self.trainable = TrainableModule(ToyDenoiser(config.hidden, config.text_buckets).to(self.device), None,
+                                         context.seed)
+        self.net = self.trainable.module
         betas = torch.linspace(1e-3, 0.2, config.train_timesteps)
         self.alphas_cumprod = torch.cumprod(1 - betas, 0).to(self.device)
 
-    # -- helpers
-    def _text(self, prompts: list[str]) -> torch.Tensor:
+    def _eps(self, x, t, prompts):
         ids = [torch.tensor(_prompt_ids(p, self.config.text_buckets)) for p in prompts]
         offsets = torch.tensor([0] + [len(i) for i in ids[:-1]]).cumsum(0)
-        return self._forward_text(torch.cat(ids).to(self.device), offsets.to(self.device))
-
-    def _forward_text(self, ids, offsets):
-        if self._use_ref:
-            return functional_call(self.net.text, {"weight": self.reference["text.weight"]}, (ids, offsets))
-        return self.net.text(ids, offsets)
-
-    def _eps(self, x, t, prompts):
-        if self._use_ref:
-            return functional_call(self.net, self.reference, (x, t, self._text(prompts)))
-        return self.net(x, t, self._text(prompts))
+        return self.trainable.forward_module(x, t, torch.cat(ids).to(self.device), offsets.to(self.device))
 
     def _shape(self, b: int) -> tuple[int, ...]:
         return (b, self.config.frames, 3, self.config.size, self.config.size)
 
     # -- protocol
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.net.parameters())
+        return self.trainable.parameters()
 
     def sample(self, prompts, seeds, *, decode=True, gradient: GradientWindow | None = None) -> Rollout:
-        x = torch.stack([torch.randn(self._shape(1)[1:], generator=torch.Generator().manual_seed(s))
-                         for s in seeds]).to(self.device)
+        x = randn_rows(self._shape(1)[1:], row_generators(seeds), self.device)
         ts = torch.linspace(self.config.train_timesteps - 1, 0, self.config.steps).long().tolist()
         window = 0
         if gradient is not None:
@@ -159,40 +149,36 @@ class ToyPolicy:
         pred = self._eps(noisy, timesteps, prompts)
         return ((pred.float() - noise.float()) ** 2).mean(dim=tuple(range(1, latents.dim())))
 
-    @contextlib.contextmanager
-    def use_reference(self) -> Iterator[None]:
-        previous, self._use_ref = self._use_ref, True
-        try:
-            yield
-        finally:
-            self._use_ref = previous
+    def use_reference(self):
+        return self.trainable.use_reference()
 
     def update_reference(self) -> None:
-        self.reference = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        self.trainable.update_reference()
 
     def state_dict_for_checkpoint(self):
-        state = {f"net.{k}": v for k, v in self.net.state_dict().items()}
-        state.update({f"reference.{k}": v for k, v in self.reference.items()})
-        return state
+        return self.trainable.state_dict()
 
     def load_state_dict_from_checkpoint(self, state):
-        self.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
-        self.reference = {k[10:]: v.to(self.device) for k, v in state.items() if k.startswith("reference.")}
+        self.trainable.load_state_dict(state, "toy policy")
 
     def save_pretrained(self, directory: Path) -> None:
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(Path(directory) / "toy.safetensors"))
+        save_file({k: v.contiguous() for k, v in self.trainable.full_state_dict().items()},
+                  str(Path(directory) / "toy.safetensors"))
 
     def train(self, mode: bool = True):
         self.net.train(mode)
         return self
 
 
-class ToyRewardConfig(PartConfig):
+class ToyRewardConfig(RewardConfig):
+    differentiable: ClassVar[bool] = True
     dimensions: list[Literal["brightness", "smoothness"]] = ["brightness", "smoothness"]
+
+    def score_dimensions(self) -> list[str]:
+        return list(self.dimensions)
 
 
 class ToyReward:
-    differentiable = True
 
     def __init__(self, config: ToyRewardConfig, context: BuildContext) -> None:
         self.dimensions = tuple(config.dimensions)
@@ -207,15 +193,17 @@ class ToyReward:
         return out
 
 
-class ToySelectorConfig(PartConfig):
+class ToySelectorConfig(SelectorConfig):
     key: str = "total"
     min_gap: float = 0.0
+
+    def score_keys(self) -> list[str]:
+        return [self.key]
 
 
 class ToySelector:
     def __init__(self, config: ToySelectorConfig, context: BuildContext) -> None:
         self.config = config
-        self.score_keys = [config.key]
 
     def select(self, scores: dict[str, torch.Tensor]) -> list[Pair]:
         grid = scores[self.config.key]
@@ -228,16 +216,13 @@ class ToySelector:
         return pairs
 
 
-class ToyDPOConfig(PartConfig):
-    requires: ClassVar[str] = "pairs"
+class ToyDPOConfig(ObjectiveConfig):
     beta: float = 50.0
     shared_noise: bool = True
     reference_update_every: int = 0
 
 
-class ToyDPO:
-    requires = "pairs"
-
+class ToyDPO(Objective):
     def __init__(self, config: ToyDPOConfig, context: BuildContext) -> None:
         self.config = config
 
@@ -252,14 +237,15 @@ class ToyDPO:
         return {}
 
 
-class ToyRewardGradientConfig(PartConfig):
+class ToyRewardGradientConfig(ObjectiveConfig):
     requires: ClassVar[str] = "rollout"
     last_steps: int = 1
 
+    def score_keys(self) -> list[str]:
+        return ["total"]
 
-class ToyRewardGradient:
-    requires = "rollout"
 
+class ToyRewardGradient(Objective):
     def __init__(self, config: ToyRewardGradientConfig, context: BuildContext) -> None:
         self.config = config
 

@@ -1,35 +1,77 @@
-"""The contract between the core and plugins.
+"""The contract between the core and plugins (import it from ``vpo_core``).
 
-Plugins import from here (and from ``vpo_core`` top level) and nothing else of the core's internals.
-Four kinds of parts exist: policies, rewards, pair selectors and objectives. Each is built by a factory
-``factory(config, context) -> part`` that a plugin registers together with a pydantic config model.
+Four kinds of parts exist: policies, rewards, pair selectors and objectives. A plugin registers each with a
+factory ``factory(config, context) -> part`` and a pydantic config model. What the core must know before any
+model loads is declared once, on the config model's base class: what an objective requires, which score keys a
+selector or objective reads, which dimensions a reward scores and whether it is differentiable, which optional
+capabilities a policy has. ``vpo validate`` checks a spec with these alone.
 
-Tensor conventions
-------------------
-* frames: ``[B, T, C, H, W]`` float in ``[0, 1]`` (C = 3, RGB).
-* latents: whatever the policy uses, batch first (``[B, ...]``).
-* scores: ``{key: Tensor[B]}`` where ``key`` is ``"<reward name>.<dimension>"``.
+Tensor conventions: frames ``[B, T, C, H, W]`` float in [0, 1] (RGB); latents batch first, in the policy's own
+layout; scores ``{"<reward name>.<dimension>": Tensor[B]}``, higher is better. This module does not import torch.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Protocol, runtime_checkable
 
-import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:  # torch is imported when a part is built, not when plugins or specs are read
+    import torch
+
+    from .adapters import TrainableModule
 
 
+# ----------------------------------------------------------------------------------------------- configs
 class PartConfig(BaseModel):
-    """Base class of every part's config model: unknown keys are errors.
-
-    Subclass it in a plugin; the spec section of the part (minus ``type`` and the core's own keys such as a
-    reward's ``name`` and ``weight``) is validated with it.
-    """
+    """Base of every part's config model: unknown keys are errors. The core strips its own keys (``type``;
+    a reward's ``name``, ``weight``, ``timeout_s``) and validates the rest of the section with the model."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class PolicyConfig(PartConfig):
+    """``capabilities``: optional parts of the contract the policy implements. ``"trajectories"``:
+    ``sample_trajectory`` and ``transition`` (GRPO)."""
+
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+
+class RewardConfig(PartConfig):
+    differentiable: ClassVar[bool] = False  # score() keeps a graph to the frames (needed by reward gradients)
+
+    def score_dimensions(self) -> list[str]:
+        """The dimensions ``score`` returns with this config."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare score_dimensions()")
+
+
+class SelectorConfig(PartConfig):
+    def score_keys(self) -> list[str]:
+        """Score keys (``"<reward>.<dimension>"`` or ``"total"``) the selector reads."""
+        return []
+
+
+class ObjectiveConfig(PartConfig):
+    # "pairs": PairBatch (online: sampled + selected each step; offline: ``data.pairs``); "rollout": PromptBatch,
+    # the objective samples with a GradientWindow; "trajectories": TrajectoryBatch (GRPO).
+    requires: ClassVar[Literal["pairs", "rollout", "trajectories"]] = "pairs"
+
+    def score_keys(self) -> list[str]:
+        return []
+
+
+class LoraSpec(BaseModel):
+    """``lora:`` section of a policy config; plugins subclass it to set their default ``target_modules``."""
+
+    model_config = ConfigDict(extra="forbid")
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # Module names (or name suffixes, as peft matches them) that get an adapter.
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v"])
 
 
 @dataclass
@@ -39,22 +81,18 @@ class BuildContext:
     device: torch.device
     seed: int
     output_dir: Path | None = None
-    # Mixed precision the run asked for ("no", "fp16", "bf16"); policies may cast frozen parts to it.
-    mixed_precision: str = "no"
+    mixed_precision: str = "no"  # "no", "fp16", "bf16": policies may cast frozen parts to it
     # Opt-ins from the spec's ``safety`` section. Loading code must refuse pickles / remote code unless set.
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
 
-# ----------------------------------------------------------------------------------------------- rollouts
+# ----------------------------------------------------------------------------------------------- policies
 @dataclass
 class GradientWindow:
-    """Which denoising steps of a rollout carry gradient (truncated back-propagation, VADER style).
-
-    ``last_steps`` = K: the last K steps keep a graph, earlier ones run under ``no_grad``.
-    ``random_cutoff``: K is drawn uniformly in ``[1, last_steps]`` with the rollout's generator.
-    ``checkpointing``: recompute activations of the window in the backward pass.
-    """
+    """Which denoising steps of a rollout carry gradient (truncated back-propagation, VADER style): the last
+    ``last_steps``; with ``random_cutoff`` a number in [1, last_steps] drawn from the rows' seeds;
+    ``checkpointing`` recomputes the window's activations in the backward pass."""
 
     last_steps: int = 1
     random_cutoff: bool = False
@@ -70,14 +108,6 @@ class Rollout:
     seeds: list[int]
     frames: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
-
-
-class PolicyConfig(PartConfig):
-    """Base of policy config models. ``capabilities`` names the optional parts of the contract the policy
-    implements (so a spec is checked before any model loads): ``"trajectories"`` = ``sample_trajectory`` and
-    ``transition`` (GRPO)."""
-
-    capabilities: ClassVar[frozenset[str]] = frozenset()
 
 
 @dataclass
@@ -114,64 +144,50 @@ class Transition:
 
 @runtime_checkable
 class Policy(Protocol):
-    """The video model being tuned."""
+    """The video model being tuned. ``trainable`` holds the module the optimizer updates; every training
+    forward pass goes through ``trainable.forward_module`` so the loop can wrap it (DDP / FSDP2)."""
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Parameters the optimizer updates (LoRA weights, or all weights for full fine-tuning)."""
+    trainable: TrainableModule
 
-    def sample(
-        self,
-        prompts: list[str],
-        seeds: list[int],
-        *,
-        decode: bool = True,
-        gradient: GradientWindow | None = None,
-    ) -> Rollout:
-        """One video per (prompt, seed) pair; each row reproducible from its seed alone.
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
 
-        With ``gradient=None`` everything runs without a graph. With a window, the last steps keep a graph
-        through the trainable parameters only; frames are then not decoded (call ``decode``).
-        """
+    def sample(self, prompts: list[str], seeds: list[int], *, decode: bool = True,
+               gradient: GradientWindow | None = None) -> Rollout:
+        """One video per (prompt, seed) row, reproducible from its seed alone, whatever the batch. Without a
+        ``gradient`` window nothing keeps a graph; with one, the last steps do (through the trainable weights
+        only) and frames are not decoded (call ``decode``)."""
 
     def decode(self, latents: torch.Tensor, frame_indices: list[int] | None = None) -> torch.Tensor:
-        """Latents -> frames ``[B,T,C,H,W]`` in [0,1]; ``frame_indices`` selects latent frames to decode.
-
-        Differentiable when called with grad enabled.
-        """
+        """Latents -> frames in [0, 1]; ``frame_indices`` selects latent frames. Differentiable under grad."""
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        """Frames ``[B,T,C,H,W]`` in [0,1] -> latents (used to train on stored videos)."""
+        """Frames -> latents (training on stored videos)."""
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """Training timesteps from the model's own training distribution."""
 
-    def sample_noise(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Noise shaped like ``latents`` drawn from ``generator``."""
+    def sample_noise(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
 
-    def denoising_loss(
-        self, latents: torch.Tensor, prompts: list[str], timesteps: torch.Tensor, noise: torch.Tensor
-    ) -> torch.Tensor:
+    def denoising_loss(self, latents: torch.Tensor, prompts: list[str], timesteps: torch.Tensor,
+                       noise: torch.Tensor) -> torch.Tensor:
         """Per-sample loss ``[B]`` in the model's own parameterisation, averaged over all non-batch dims."""
 
     def use_reference(self) -> contextlib.AbstractContextManager[None]:
-        """Context in which forward passes use the reference model (adapters disabled or reference adapter)."""
+        """Forward passes inside use the reference (adapters disabled, the reference adapter, or a frozen copy)."""
 
     def update_reference(self) -> None:
-        """Make the reference equal to the current policy (curriculum update)."""
+        """Reference := the current policy (curriculum update)."""
 
-    def state_dict_for_checkpoint(self) -> dict[str, torch.Tensor]:
-        """Everything trainable or mutable needed to resume (adapter and reference adapter)."""
+    def state_dict_for_checkpoint(self) -> dict[str, torch.Tensor]: ...
 
-    def load_state_dict_from_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
-        """Inverse of ``state_dict_for_checkpoint``."""
+    def load_state_dict_from_checkpoint(self, state: dict[str, torch.Tensor]) -> None: ...
 
     def save_pretrained(self, directory: Path) -> None:
-        """Write the tuned weights in the model's ecosystem format (diffusers LoRA for diffusers models)."""
+        """The tuned weights in the model's ecosystem format (a diffusers LoRA for diffusers models)."""
 
-    def train(self, mode: bool = True) -> Any:
-        """Put trainable modules into train/eval mode."""
+    def train(self, mode: bool = True) -> Any: ...
 
-    # Optional, capability "trajectories" (declare it in the config model's ``capabilities``):
+    # Capability "trajectories" (declared in PolicyConfig.capabilities):
     #   sample_trajectory(prompts, seeds, settings: TrajectorySettings, *, decode=True) -> Trajectory
     #       one stochastic chain per (prompt, seed), reproducible from the seed alone, no graph.
     #   transition(trajectory, rows: list[int], steps: list[int]) -> Transition
@@ -182,16 +198,12 @@ class Policy(Protocol):
 # ----------------------------------------------------------------------------------------------- rewards
 @runtime_checkable
 class Reward(Protocol):
-    """A video reward. ``score`` returns one tensor ``[B]`` per dimension, higher is better."""
-
-    dimensions: tuple[str, ...]
-    differentiable: bool
-
     def score(self, frames: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """frames ``[B,T,C,H,W]`` in [0,1] -> ``{dimension: Tensor[B]}``; keeps the graph if differentiable."""
+        """frames -> ``{dimension: Tensor[B]}`` for the config's ``score_dimensions()``: finite, or NaN for a
+        video it cannot score; keeps the graph when the config is ``differentiable``. Any device."""
 
 
-# ----------------------------------------------------------------------------------------------- pairs
+# ----------------------------------------------------------------------------------------------- batches
 @dataclass(frozen=True)
 class Pair:
     """One preference pair among the candidates of prompt ``prompt_index`` (indices into the N candidates)."""
@@ -209,67 +221,84 @@ class PairSelector(Protocol):
         """``scores[key]`` is ``[P, N]`` (prompts x candidates). Return the pairs to train on (maybe none)."""
 
 
+class Batch:
+    """What an objective trains on; the loop splits it into chunks of rows (``train.pair_batch_size``)."""
+
+    def __len__(self) -> int:
+        return len(self.prompts)  # type: ignore[attr-defined]
+
+    def rows(self, index: slice) -> "Batch":
+        return replace(self, **{k: v[index] for k, v in vars(self).items() if v is not None})
+
+
 @dataclass
-class PairBatch:
-    """Winner and loser latents of a batch of pairs, with their prompts and per-pair weights ``[B]``."""
+class PairBatch(Batch):
+    """Winner and loser latents of pairs, their prompts, weights ``[B]``, and a seed per pair for the
+    objective's noise and timesteps (so a pair's draw does not depend on how pairs are batched)."""
 
     winner_latents: torch.Tensor
     loser_latents: torch.Tensor
     prompts: list[str]
     weights: torch.Tensor
     margins: torch.Tensor | None = None
+    seeds: list[int] | None = None
 
 
 @dataclass
-class PromptBatch:
+class PromptBatch(Batch):
     """Prompts (one rollout each) for reward-gradient objectives, with a seed per row."""
 
     prompts: list[str]
     seeds: list[int]
 
 
-ScoreFn = Callable[[torch.Tensor, list[str]], dict[str, torch.Tensor]]
+ScoreFn = Callable[["torch.Tensor", list[str]], dict[str, "torch.Tensor"]]
 
 
 @dataclass
 class StepContext:
-    """What an objective gets each micro-step."""
+    """What an objective gets each micro-step: the step, a generator for choices shared by the whole micro-step
+    (seeded by (seed, step, micro-step), the same on every process), and the spec's rewards as one function
+    returning every score key plus ``total``, differentiable where the rewards are."""
 
     step: int
     generator: torch.Generator
-    # Scores frames with every reward of the spec: {"<reward>.<dimension>": Tensor[B]} (kept differentiable).
     score: ScoreFn
-    # Weighted sum over rewards, as configured in the spec: Tensor[B].
-    reward_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class ObjectiveOutput:
-    loss: torch.Tensor
+    loss: torch.Tensor  # mean over the batch's rows
     metrics: dict[str, float] = field(default_factory=dict)
-    # Scores of the rollout for reward-gradient objectives (already detached), for logging and NaN checks.
-    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scores of rollouts, for logging
 
 
-@runtime_checkable
-class Objective(Protocol):
-    """Turns a batch into a loss. ``requires`` tells the loop which data to feed.
+class Objective:
+    """Base class of objectives: ``loss`` is required, the rest are optional hooks with these defaults."""
 
-    * ``"pairs"``: ``loss(policy, PairBatch, ctx)``; pairs come from online sampling + a selector, or from a
-      stored pair dataset (``data.pairs`` in the spec).
-    * ``"rollout"``: ``loss(policy, PromptBatch, ctx)``; the objective samples with a ``GradientWindow``.
-    """
-
-    requires: ClassVar[Literal["pairs", "rollout"]] | Literal["pairs", "rollout"]
-
-    def loss(self, policy: Policy, batch: Any, ctx: StepContext) -> ObjectiveOutput: ...
+    def loss(self, policy: Policy, batch: Any, ctx: StepContext) -> ObjectiveOutput:
+        raise NotImplementedError
 
     def after_optimizer_step(self, step: int, policy: Policy) -> dict[str, float]:
-        """Called after each optimizer step with the new step number (curriculum updates live here)."""
+        """After every optimizer step that changed the weights (curriculum reference updates live here)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state saved in checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def open_pair_dataset(self, path: str, format: str, policy: Policy) -> Any:
+        """A reader for pair layouts other than vpo's own (``data.pairs_format``); None: not understood."""
+        return None
 
 
 Kind = Literal["policy", "reward", "selector", "objective"]
 KINDS: tuple[Kind, ...] = ("policy", "reward", "selector", "objective")
+CONFIG_BASES: dict[str, type[PartConfig]] = {"policy": PolicyConfig, "reward": RewardConfig,
+                                             "selector": SelectorConfig, "objective": ObjectiveConfig}
 
 
 def iter_chunks(n: int, size: int) -> Iterator[slice]:

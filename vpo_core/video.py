@@ -9,8 +9,9 @@ import torch
 
 
 def to_uint8(frames: torch.Tensor, scale: int = 1) -> np.ndarray:
-    """[T,C,H,W] in [0,1] -> uint8 [T,H,W,C], optionally upscaled by an integer (nearest)."""
-    frames = frames.detach().float().cpu().clamp(0, 1)
+    """[T,C,H,W] in [0,1] (or uint8) -> uint8 numpy [T,H,W,C], optionally upscaled by an integer (nearest)."""
+    frames = frames.detach().cpu()
+    frames = frames.float() / 255 if frames.dtype == torch.uint8 else frames.float().clamp(0, 1)
     if scale > 1:
         frames = torch.nn.functional.interpolate(frames, scale_factor=scale, mode="nearest")
     return (frames.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()

@@ -4,9 +4,8 @@ from pathlib import Path
 
 from vpo_core import VpoError
 
-from .world import Attributes, PromptError, heldout_prompts, parse_prompt, render, render_batch, train_prompts
-
 _MODEL_DIR = Path(__file__).resolve().parent / "weights" / "toyworld-cogvideox"
+_WORLD = ("Attributes", "PromptError", "heldout_prompts", "parse_prompt", "render", "render_batch", "train_prompts")
 
 
 def default_model_path() -> Path:
@@ -19,7 +18,12 @@ def default_model_path() -> Path:
     return _MODEL_DIR
 
 
-__all__ = [
-    "Attributes", "PromptError", "default_model_path", "heldout_prompts", "parse_prompt", "render",
-    "render_batch", "train_prompts",
-]
+def __getattr__(name):  # the world (torch) loads on first use, not when the plugin registers
+    if name in _WORLD:
+        from . import world
+
+        return getattr(world, name)
+    raise AttributeError(name)
+
+
+__all__ = ["default_model_path", *_WORLD]

@@ -1,10 +1,16 @@
-"""Hook implementations: registers the ``toyworld`` reward."""
+"""Hook implementations: registers the ``toyworld`` reward (imports only the config model)."""
 
 from vpo_core import hookimpl
 
-from .reward import ToyWorldRewardConfig, build_toyworld_reward
+from .config import ToyWorldRewardConfig
+
+
+def build_toyworld(config, context):
+    from .reward import ToyWorldReward
+
+    return ToyWorldReward(config)
 
 
 @hookimpl
 def vpo_register_rewards(register):
-    register("toyworld", build_toyworld_reward, ToyWorldRewardConfig)
+    register("toyworld", build_toyworld, ToyWorldRewardConfig)

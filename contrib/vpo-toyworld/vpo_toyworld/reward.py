@@ -24,7 +24,9 @@ direction (image coordinates, y down).
 from __future__ import annotations
 
 import torch
-from vpo_core import PartConfig, VpoError
+from vpo_core import VpoError
+
+from .config import ToyWorldRewardConfig
 
 from .world import BACKGROUND_COLORS, DIRECTIONS, SHAPE_COLORS, parse_prompt
 
@@ -34,12 +36,6 @@ COLOR_SIGMA = 0.3
 CORE_FRACTION = 0.6
 DIRECTION_GAIN = 60.0
 EPS = 1e-6
-
-
-class ToyWorldRewardConfig(PartConfig):
-    color_weight: float = 0.4
-    direction_weight: float = 0.4
-    flicker_weight: float = 0.2
 
 
 class ToyWorldReward:
@@ -112,7 +108,3 @@ def flicker_score(frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     both = background[:, 1:] * background[:, :-1]  # [B, T-1, H, W]
     change = (frames[:, 1:] - frames[:, :-1]).abs().mean(dim=2)
     return 1 - (both * change).sum(dim=(1, 2, 3)) / (both.sum(dim=(1, 2, 3)) + EPS)
-
-
-def build_toyworld_reward(config: ToyWorldRewardConfig, context) -> ToyWorldReward:
-    return ToyWorldReward(config)

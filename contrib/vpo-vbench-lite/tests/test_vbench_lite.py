@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from vpo_core import BuildContext, PartConfig, Reward, VpoError
 
 from vpo_vbench_lite import (
-    DIMENSIONS,
+    DIMENSION_NAMES,
     VBenchLiteConfig,
     dynamic_degree,
     imaging_sharpness,
@@ -21,7 +21,8 @@ from vpo_vbench_lite import (
     subject_consistency,
     temporal_flickering,
 )
-from vpo_vbench_lite.reward import build_vbench_lite
+from vpo_vbench_lite.plugin import build_vbench_lite
+from vpo_vbench_lite.reward import DIMENSIONS
 
 CPU = BuildContext(device=torch.device("cpu"), seed=0)
 
@@ -119,10 +120,11 @@ def test_scores_stay_in_range_on_random_videos():
 def test_reward_follows_the_protocol_and_defaults_to_all_dimensions():
     reward = build_vbench_lite(VBenchLiteConfig(), CPU)
     assert isinstance(reward, Reward)
-    assert reward.dimensions == tuple(DIMENSIONS)
-    assert reward.differentiable is True
+    assert tuple(DIMENSIONS) == DIMENSION_NAMES  # the metric table covers exactly the names the config accepts
+    assert VBenchLiteConfig().score_dimensions() == list(DIMENSION_NAMES)
+    assert VBenchLiteConfig.differentiable is True
     scores = reward.score(random_videos(batch=2), ["a", "b"])
-    assert set(scores) == set(DIMENSIONS)
+    assert set(scores) == set(DIMENSION_NAMES)
 
 
 def test_micro_batching_matches_one_batch():

@@ -1,29 +1,27 @@
-"""The ``vbench_lite`` reward: its config model, the reward class and the factory the plugin registers."""
+"""The ``vbench_lite`` reward: the metric table and the reward class (its config model is in ``config.py``)."""
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
-from pydantic import Field, field_validator
-from vpo_core import BuildContext, PartConfig, VpoError, iter_chunks
+from vpo_core import BuildContext, VpoError, iter_chunks
 
 from . import metrics
+from .config import DIMENSION_NAMES, VBenchLiteConfig
 
 
 @dataclass(frozen=True)
 class Dimension:
-    """One metric: how to compute it from the config, the fewest frames it needs, and whether it keeps a graph."""
+    """One metric: how to compute it from the config, and the fewest frames it needs."""
 
     build: Callable[["VBenchLiteConfig"], Callable[[torch.Tensor], torch.Tensor]]
     min_frames: int
-    differentiable: bool = True
 
 
-# The order here is the order of ``dimensions`` when the config says "all".
+# One entry per name of config.DIMENSION_NAMES, in that order.
 DIMENSIONS: dict[str, Dimension] = {
     "temporal_flickering": Dimension(lambda c: metrics.temporal_flickering, min_frames=2),
     "motion_smoothness": Dimension(lambda c: metrics.motion_smoothness, min_frames=3),
@@ -37,43 +35,6 @@ DIMENSIONS: dict[str, Dimension] = {
 }
 
 
-class VBenchLiteConfig(PartConfig):
-    """Spec keys of a ``vbench_lite`` reward (besides the core's ``type``, ``name`` and ``weight``)."""
-
-    dimensions: list[str] | Literal["all"] = "all"
-    micro_batch_size: int = Field(8, ge=1, description="videos scored at once")
-    device: str | None = Field(None, description="where to score, e.g. 'cuda:1'; default: the run's device")
-    dynamic_grid_size: int = Field(32, ge=1, description="dynamic_degree: luma is average-pooled to this size")
-    dynamic_scale: float = Field(0.02, gt=0, description="dynamic_degree: mean luma change that scores 0.5")
-    sharpness_scale: float = Field(0.01, gt=0, description="imaging_sharpness: Laplacian variance that scores 0.5")
-    consistency_grid_size: int = Field(16, ge=1, description="subject_consistency: frames pooled to this size")
-
-    @field_validator("dimensions", mode="before")
-    @classmethod
-    def _one_name_is_a_list(cls, value: object) -> object:
-        return [value] if isinstance(value, str) and value != "all" else value
-
-    @field_validator("dimensions")
-    @classmethod
-    def _known_dimensions(cls, value: list[str] | str) -> list[str] | str:
-        if value == "all":
-            return value
-        valid = ", ".join(DIMENSIONS)
-        if not value:
-            raise ValueError(f"choose at least one dimension (or 'all'); valid dimensions: {valid}")
-        unknown = [name for name in value if name not in DIMENSIONS]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], DIMENSIONS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ValueError(f"unknown dimension(s) {', '.join(map(repr, unknown))}{hint}; valid dimensions: {valid}")
-        if len(set(value)) != len(value):
-            raise ValueError(f"dimensions are listed twice: {value}")
-        return value
-
-    def selected(self) -> tuple[str, ...]:
-        return tuple(DIMENSIONS) if self.dimensions == "all" else tuple(self.dimensions)
-
-
 class VBenchLiteReward:
     """Scores frames ``[B, T, 3, H, W]`` in ``[0, 1]`` on the selected dimensions; see ``metrics`` for formulas.
 
@@ -84,7 +45,6 @@ class VBenchLiteReward:
         self.config = config
         self.device = torch.device(device)
         self.dimensions: tuple[str, ...] = config.selected()
-        self.differentiable: bool = all(DIMENSIONS[name].differentiable for name in self.dimensions)
         self._metrics = {name: DIMENSIONS[name].build(config) for name in self.dimensions}
         self._min_frames = max(DIMENSIONS[name].min_frames for name in self.dimensions)
 
@@ -110,7 +70,3 @@ class VBenchLiteReward:
                 f"(motion_smoothness needs 3 frames, the other temporal dimensions 2). Decode more frames, or "
                 f"score single frames with `dimensions: [imaging_sharpness]`."
             )
-
-
-def build_vbench_lite(config: VBenchLiteConfig, context: BuildContext) -> VBenchLiteReward:
-    return VBenchLiteReward(config, device=config.device or context.device)

@@ -8,31 +8,22 @@ initial reference, i.e. plain Diffusion-DPO).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
-from pydantic import Field
-from vpo_core import BuildContext, ObjectiveOutput, PairBatch, PartConfig, StepContext, dpo_pair_loss
+from vpo_core import BuildContext, Objective, ObjectiveOutput, PairBatch, StepContext
 
-
-class DPOConfig(PartConfig):
-    requires: ClassVar[str] = "pairs"
-
-    beta: float = Field(5000.0, gt=0)  # Diffusion-DPO / VideoDPO value
-    # Same timestep and noise for winner and loser (Diffusion-DPO; lower variance). False: independent
-    # draws, as VideoDPO's code does.
-    shared_noise: bool = True
-    reference_update_every: int = Field(200, ge=0)  # K; 0 = fixed reference
+from .config import DPOConfig
 
 
-class DPOObjective:
-    requires = "pairs"
-
+class DPOObjective(Objective):
     def __init__(self, config: DPOConfig, context: BuildContext | None = None) -> None:
         self.config = config
         self.last_reference_update = 0  # optimizer step of the latest update (0: the initial reference)
         self.reference_updates = 0
 
     def loss(self, policy, batch: PairBatch, ctx: StepContext) -> ObjectiveOutput:
+        from vpo_core.dpo import dpo_pair_loss
+
         out = dpo_pair_loss(policy, batch, ctx.generator, self.config.beta, self.config.shared_noise)
         if self.config.reference_update_every:
             out.metrics["reference_age"] = float(ctx.step - 1 - self.last_reference_update)

@@ -9,37 +9,14 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
-from vpo_core import BuildContext, Pair, PartConfig, RunError
+from vpo_core import BuildContext, Pair, RunError
 
-
-class BestWorstConfig(PartConfig):
-    # Score key "<reward name>.<dimension>", or "total" (the spec's weighted sum over rewards).
-    key: str = "total"
-    # Composite ranking score sum_k w_k * s_k over several keys; replaces `key` when set.
-    weights: dict[str, float] | None = None
-    # Per-key normalisation before weighting, across all P*N candidates of the step: "none" keeps raw
-    # scores (so weights must account for scale), "zscore" uses (s - mean) / std (std 0 -> all zeros).
-    normalize: Literal["none", "zscore"] = "none"
-    # A prompt gives a pair only when best - worst > min_gap (equal scores never make a pair).
-    min_gap: float = Field(0.0, ge=0.0)
-    mode: Literal["best_worst", "all_pairs"] = "best_worst"
-
-    @model_validator(mode="after")
-    def _key_or_weights(self) -> "BestWorstConfig":
-        if self.weights is not None:
-            if not self.weights:
-                raise ValueError("`weights` is empty; give {score key: weight} or remove it to rank by `key`")
-            if self.key != "total":
-                raise ValueError("set either `key` (one score) or `weights` (a composite), not both")
-        return self
+from .config import BestWorstConfig
 
 
 class BestWorstSelector:
     def __init__(self, config: BestWorstConfig, context: BuildContext | None = None) -> None:
         self.config = config
-        # checked against the rewards' keys by the core before any sampling
-        self.score_keys = list(config.weights) if config.weights is not None else [config.key]
 
     def ranking_scores(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
         """The ``[P, N]`` score the candidates are ranked by."""

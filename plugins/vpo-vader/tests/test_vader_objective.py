@@ -3,13 +3,16 @@ offloading, the non-differentiable reward check, and short runs through the core
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import json
 
 import pydantic
 import pytest
 import torch
 import vpo_core.testing
-from vpo_core import BuildContext, PromptBatch, Rollout, SpecError, StepContext, VpoError, hookimpl
+from vpo_core import BuildContext, PromptBatch, Rollout, StepContext, VpoError, hookimpl
+from vpo_core.errors import SpecErrors
 from vpo_core.loop import Trainer
 from vpo_core.plugins import PluginManager
 from vpo_core.spec import load_spec
@@ -129,7 +132,7 @@ def test_gradient_flows_only_through_the_window_toy(cutoff, last_steps, expected
     grads = [p.grad for p in policy.trainable_parameters()]
     # every trainable weight gets a gradient (the time layer's is zero: the last step runs at t = 0)
     assert all(g is not None for g in grads) and sum(bool(g.abs().sum() > 0) for g in grads) >= len(grads) - 1
-    assert not any(t.requires_grad for t in policy.reference.values())
+    assert not any(t.requires_grad for t in policy.trainable.reference_copy.parameters())
 
 
 def test_random_cutoff_stays_within_last_steps():
@@ -199,12 +202,12 @@ logging: {{trackers: []}}
 class FrozenRewardPlugin:
     """A test plugin: a reward that cannot be back-propagated through."""
 
-    class Reward(ToyReward):
-        differentiable = False
+    class Config(ToyRewardConfig):
+        differentiable: ClassVar[bool] = False
 
     @hookimpl
     def vpo_register_rewards(self, register):
-        register("frozen_brightness", self.Reward, ToyRewardConfig)
+        register("frozen_brightness", ToyReward, self.Config)
 
 
 @pytest.fixture
@@ -232,6 +235,6 @@ def test_trainer_runs_reward_gradient(tmp_path, pm):
 
 
 def test_non_differentiable_reward_is_refused_by_name(tmp_path, pm):
-    with pytest.raises(SpecError, match="reward 'frozen' is not differentiable.*reward_gradient"):
+    with pytest.raises(SpecErrors, match="reward .frozen. is not differentiable.*reward_gradient"):
         run(tmp_path, pm, "rewards=[{type: frozen_brightness, name: frozen}]",
             "objective.rewards={frozen.brightness: {}}")

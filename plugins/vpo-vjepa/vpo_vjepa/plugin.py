@@ -1,10 +1,16 @@
-"""Registers the ``vjepa`` reward."""
+"""Registers the ``vjepa`` reward (imports only the config model)."""
 
 from vpo_core import hookimpl
 
-from .reward import VJEPAConfig, build_vjepa_reward
+from .config import VJEPAConfig
+
+
+def build_vjepa(config, context):
+    from .reward import build_vjepa_reward
+
+    return build_vjepa_reward(config, context)
 
 
 @hookimpl
 def vpo_register_rewards(register):
-    register("vjepa", build_vjepa_reward, VJEPAConfig)
+    register("vjepa", build_vjepa, VJEPAConfig)
