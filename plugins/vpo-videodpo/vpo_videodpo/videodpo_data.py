@@ -129,7 +129,7 @@ def _entry_error(where: str, problem: str, file: str) -> SpecError:
 
 
 def _inside(path: Path, root: Path) -> bool:
-    return path == root or path.is_relative_to(root)
+    return path.is_relative_to(root)  # lexical: the caller resolves ".." (abspath) or links (realpath)
 
 
 def user_cache_dir() -> Path:
