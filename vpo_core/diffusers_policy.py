@@ -246,6 +246,11 @@ class DiffusersVideoPolicy:
         """Dtype of the denoiser inputs (as in the stock pipelines)."""
         return next(iter(self.denoisers.values())).dtype
 
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """Dtype the sampler keeps latents in (``encode`` returns it too)."""
+        return self.dtype
+
     def to(self, device: torch.device) -> "DiffusersVideoPolicy":
         self.device = torch.device(device)
         modules = [self.vae, self.text_encoder, *self.denoisers.values(), self.trainable.reference_copy]
@@ -390,7 +395,7 @@ class DiffusersVideoPolicy:
         """Frames ``[B, T, C, H, W]`` in [0, 1] -> latents ``[B, F, C, H, W]`` (VAE posterior mean, normalised)."""
         video = (frames.to(self.device, self.vae.dtype) * 2 - 1).permute(0, 2, 1, 3, 4)
         with torch.no_grad():
-            return self._encode_video(video).to(self.dtype)
+            return self._encode_video(video).to(self.latent_dtype)
 
     def sample_noise(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         noise = torch.randn(latents.shape, generator=generator, device=generator.device, dtype=torch.float32)

@@ -184,6 +184,20 @@ def test_vae_slicing_and_tiling_decode_the_same_frames(tiny):
     assert tiled.decode(latents).shape == frames[True].shape
 
 
+def test_vae_slicing_auto_on_cuda_decides_from_the_measured_row_peak_and_free_memory(tiny, monkeypatch):
+    policy = make_policy(tiny["2.1"])
+    policy.device = torch.device("cuda")  # only the decision is exercised (no GPU here)
+    free, reserved, allocated = 1000, 300, 200  # bytes: 1000 free on the device + 100 cached by torch
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 10**6))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: reserved)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: allocated)
+    assert policy._vae_slicing(4)  # not measured yet: slice, and measure the first row
+    assert not policy._vae_slicing(1)
+    policy._decode_bytes = 100
+    assert not policy._vae_slicing(9)  # 900 <= 0.9 x 1100
+    assert policy._vae_slicing(10)
+
+
 # ----------------------------------------------------------------------------------------------- training loss
 def test_denoising_loss_is_the_flow_matching_loss_of_each_rows_expert(tiny):
     policy = make_policy(tiny["2.2-a14b"], "2.2-a14b")

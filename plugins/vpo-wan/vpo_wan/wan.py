@@ -102,6 +102,10 @@ class WanPolicy(DiffusersVideoPolicy):
         self._setup(pipe, trained, context.seed)
         self.transformer = pipe.transformer
 
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        return torch.float32  # WanPipeline keeps latents in float32 whatever the transformer's dtype
+
     def _check_shapes(self) -> None:
         c, pipe = self.config, self.pipe
         ratio = pipe.vae_scale_factor_temporal
