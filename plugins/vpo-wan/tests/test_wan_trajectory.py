@@ -11,34 +11,38 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from vpo_core import BuildContext, TrajectorySettings
 from vpo_wan import WanConfig, build, build_tiny_wan
 
-PROMPTS = ["a cat running", "a red car in the city", "a bird flying"]
-SEEDS = [5, 6, 7]
-SETTINGS = dict(num_frames=9, height=32, width=32, num_inference_steps=4, guidance_scale=5.0)
+ROWS = [("a cat running", 5), ("a red car in the city", 6), ("a bird flying", 7)]
+PROMPTS, SEEDS = [prompt for prompt, _ in ROWS], [seed for _, seed in ROWS]
+SAMPLING = dict(num_frames=9, height=32, width=32, num_inference_steps=4, guidance_scale=5.0)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wan-trajectories")
-    return {variant: build_tiny_wan(root / variant, variant=variant) for variant in ("2.1", "2.2-a14b")}
+def make_policy(tmp_path_factory):
+    """Tiny Wan policies sampling with the flow-matching Euler scheduler; unless ``base``, their LoRA has an effect
+    (B != 0) so that gradients reach LoRA A as well. ``make_policy.models`` holds the pipelines on disk."""
+    models = {}
+
+    def make(variant="2.1", base=False, **overrides):
+        if variant not in models:
+            models[variant] = build_tiny_wan(tmp_path_factory.mktemp("wan") / variant, variant=variant)
+        config = WanConfig(model=str(models[variant]), scheduler="euler", **{**SAMPLING, **overrides})
+        policy = build(config, BuildContext(device=torch.device("cpu"), seed=0))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for parameter in [] if base else policy.trainable_parameters():
+                parameter.add_(0.3 * torch.randn_like(parameter))
+        return policy
+
+    make.models = models
+    return make
 
 
-def make_policy(directory, **overrides):
-    config = WanConfig(model=str(directory), **{**SETTINGS, "scheduler": "euler", **overrides})
-    policy = build(config, BuildContext(device=torch.device("cpu"), seed=0))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # LoRA B starts at zero: give the adapter an effect so that gradients reach LoRA A too
-        for parameter in policy.trainable_parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return policy
-
-
-def test_sampler_euler_rows_match_the_stock_pipeline_with_that_scheduler(tiny):
-    base = build(WanConfig(model=str(tiny["2.1"]), **SETTINGS, scheduler="euler"),
-                 BuildContext(device=torch.device("cpu"), seed=0))
-    pipe = WanPipeline.from_pretrained(tiny["2.1"])
+def test_sampler_euler_rows_match_the_stock_pipeline_with_that_scheduler(make_policy):
+    base = make_policy(base=True)
+    pipe = WanPipeline.from_pretrained(make_policy.models["2.1"])
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # the checkpoint's flow_shift
     pipe.set_progress_bar_config(disable=True)
-    expected = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(SEEDS[0]), output_type="pt", **SETTINGS).frames
+    expected = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(SEEDS[0]), output_type="pt", **SAMPLING).frames
     difference = (base.sample(PROMPTS[:1], SEEDS[:1]).frames - expected).abs().max().item()
     print(f"scheduler euler: max |policy - stock WanPipeline| = {difference:.2e}")
     assert difference < 2e-5
@@ -54,8 +58,8 @@ def flow_grpo_log_prob(x, velocity, x_next, sigma, sigma_next, noise_level, sigm
     return density.flatten(1).mean(1)
 
 
-def test_recorded_log_probs_are_flow_grpo_gaussians_of_the_recorded_states(tiny):
-    policy = make_policy(tiny["2.1"])
+def test_recorded_log_probs_are_flow_grpo_gaussians_of_the_recorded_states(make_policy):
+    policy = make_policy()
     trajectory = policy.sample_trajectory(PROMPTS[:2], SEEDS[:2], TrajectorySettings(noise_level=0.7), decode=False)
     assert trajectory.latents.shape == (2, 5, 3, 4, 4, 4) and trajectory.steps == [0, 1, 2, 3]
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
@@ -76,8 +80,8 @@ def test_recorded_log_probs_are_flow_grpo_gaussians_of_the_recorded_states(tiny)
         torch.testing.assert_close(trajectory.log_probs[:, i], expected, atol=2e-4, rtol=1e-5)
 
 
-def test_transitions_recompute_the_recorded_log_probs_with_a_graph_to_lora_only(tiny):
-    policy = make_policy(tiny["2.2-a14b"], num_inference_steps=4)  # steps 0-2: transformer, step 3: transformer_2
+def test_transitions_recompute_the_recorded_log_probs_with_a_graph_to_lora_only(make_policy):
+    policy = make_policy("2.2-a14b")  # steps 0-2: transformer, step 3: transformer_2
     trajectory = policy.sample_trajectory(PROMPTS, SEEDS, TrajectorySettings(noise_level=1.0), decode=False)
     rows, steps = [0, 1, 2, 0, 2], [3, 0, 1, 2, 3]
     transition = policy.transition(trajectory, rows, steps)
@@ -95,16 +99,16 @@ def test_transitions_recompute_the_recorded_log_probs_with_a_graph_to_lora_only(
         assert (policy.transition(trajectory, rows, steps).log_prob - recorded).abs().max() > 1e-3
 
 
-def test_a_row_alone_equals_the_row_in_a_batch(tiny):
+def test_a_row_alone_equals_the_row_in_a_batch(make_policy):
     settings = TrajectorySettings(noise_level=0.7)
-    batched = make_policy(tiny["2.1"], micro_batch_size=3).sample_trajectory(PROMPTS, SEEDS, settings, decode=False)
-    alone = make_policy(tiny["2.1"]).sample_trajectory(PROMPTS[2:], SEEDS[2:], settings, decode=False)
+    batched = make_policy(micro_batch_size=3).sample_trajectory(PROMPTS, SEEDS, settings, decode=False)
+    alone = make_policy().sample_trajectory(PROMPTS[2:], SEEDS[2:], settings, decode=False)
     torch.testing.assert_close(batched.latents[2:], alone.latents, atol=1e-5, rtol=0)
     torch.testing.assert_close(batched.log_probs[2:], alone.log_probs, atol=1e-4, rtol=0)
 
 
-def test_window_steps_are_stochastic_and_a_deterministic_window_is_sample(tiny):
-    policy = make_policy(tiny["2.1"])
+def test_window_steps_are_stochastic_and_a_deterministic_window_is_sample(make_policy):
+    policy = make_policy()
     windowed = policy.sample_trajectory(PROMPTS[:2], SEEDS[:2], TrajectorySettings(0.7, window=(1, 3)))
     assert windowed.steps == [1, 2] and windowed.frames.shape == (2, 9, 3, 32, 32)
     assert torch.isnan(windowed.log_probs[:, [0, 3]]).all() and torch.isfinite(windowed.log_probs[:, [1, 2]]).all()
