@@ -110,8 +110,37 @@ class TrainableModule:
         return self._wrapped if self._wrapped is not None else self.module
 
     def wrap(self, wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
-        """Route forward passes through ``wrap(module)`` (the engine's DDP / FSDP wrapper)."""
+        """Route forward passes through ``wrap(module)`` (the engine's DDP wrapper)."""
         self._wrapped = wrap(self.module)
+
+    def shard(self) -> None:
+        """FSDP2: shard each block of the module's longest ``ModuleList`` and then the module (and the frozen
+        reference of full fine-tuning the same way) over every process with torch's ``fully_shard``."""
+        from torch.distributed.fsdp import fully_shard
+
+        for module in (self.module, self.reference_copy):
+            if module is not None:
+                blocks = max((m for m in module.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=[])
+                for block in blocks:
+                    fully_shard(block)
+                fully_shard(module)
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Inside, sharded (FSDP2) parameters are replaced by full tensors, so ordinary save code works. Every
+        process must enter it together (it all-gathers)."""
+        for m in self.module.modules():
+            if hasattr(m, "reshard"):  # an FSDP2 module: make every parameter a sharded DTensor again
+                m.reshard()
+        swapped = [(m, n, p) for m in self.module.modules() for n, p in m.named_parameters(recurse=False)
+                   if hasattr(p, "full_tensor")]
+        for m, n, p in swapped:
+            m._parameters[n] = torch.nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad)
+        try:
+            yield
+        finally:
+            for m, n, p in swapped:
+                m._parameters[n] = p
 
     @contextlib.contextmanager
     def use_reference(self) -> Iterator[None]:
@@ -152,9 +181,6 @@ class TrainableModule:
             state.update({f"reference.{n}": _full(t) for n, t in self.reference_copy.state_dict().items()})
         return state
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole module's state (base weights and adapters), gathered."""
-        return {name: _full(t) for name, t in self.module.state_dict().items()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor], what: str = "policy") -> None:

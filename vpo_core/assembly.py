@@ -151,8 +151,13 @@ def make_accelerator(resolved: ResolvedSpec, output_dir: Path) -> Any:
     # another mixed precision. Multi-process launches keep their state.
     if PartialState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
+    import torch
+
+    # Under torchrun / `accelerate launch` on a machine without GPUs, accelerate only goes multi-process (gloo)
+    # when told that the run is on the CPU.
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     return Accelerator(mixed_precision=spec.train.mixed_precision, log_with=resolved.trackers or None,
-                       project_dir=str(output_dir))
+                       project_dir=str(output_dir), cpu=cpu)
 
 
 def build_parts(resolved: ResolvedSpec, accelerator: Any, output_dir: Path) -> Parts:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import shlex
 import sys
 import traceback
@@ -40,12 +41,19 @@ def _add_spec_args(p: argparse.ArgumentParser, many: bool = False) -> None:
                    help="override a spec value, e.g. --set train.steps=10 (repeatable)")
 
 
+def _who() -> str:
+    """How messages start: "vpo", or "vpo [rank 1]" in a multi-process run (the launcher names the failed rank too)."""
+    return f"vpo [rank {os.environ.get('RANK')}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "vpo"
+
+
 def resume_command(args) -> str:
     """The command that continues this run, as it must be typed."""
-    words = ["vpo-run", args.spec, "--resume", *(["--output-dir", args.output_dir] if args.output_dir else [])]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    words = (["vpo-run"] if world == 1 else ["torchrun", "--nproc_per_node", str(world), "-m", "vpo_core.cli", "run"])
+    words += [args.spec, "--resume", *(["--output-dir", args.output_dir] if args.output_dir else [])]
     for item in args.overrides:
         words += ["--set", item]
-    return " ".join(shlex.quote(str(w)) for w in words)
+    return " ".join(shlex.quote(str(w)) for w in words) + ("" if world == 1 else " (or your launcher of choice)")
 
 
 def cmd_run(args, pm) -> int:
@@ -62,8 +70,11 @@ def cmd_run(args, pm) -> int:
             exc.args = (f"{exc}\n  (what the run wrote is kept; continue with: {resume_command(args)})",)
         raise
     except KeyboardInterrupt:
-        print(f"vpo: interrupted; the last saved checkpoint is intact. Continue with: {resume_command(args)}",
-              file=sys.stderr)
+        from .checkpoint import list_checkpoints
+
+        saved = list_checkpoints(trainer.output_dir)
+        print(f"{_who()}: interrupted; " + (f"checkpoint {saved[-1].name} is intact. Continue with: "
+              f"{resume_command(args)}" if saved else "no checkpoint had been saved yet"), file=sys.stderr)
         return 130
     except Exception as exc:  # an unexpected failure: one line, the traceback in a file
         where = ""
@@ -71,7 +82,7 @@ def cmd_run(args, pm) -> int:
             log = trainer.output_dir / "error.log"
             log.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
             where = f" (traceback in {log})"
-        print(f"vpo: run failed: {type(exc).__name__}: {exc}{where}", file=sys.stderr)
+        print(f"{_who()}: run failed: {type(exc).__name__}: {exc}{where}", file=sys.stderr)
         return EXIT_FAILURE
     if not getattr(trainer, "main", True):
         return result.exit_code
@@ -218,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_SPEC
         return int(args.func(args, pm) or 0)
     except VpoError as exc:
-        print(f"vpo: {exc}", file=sys.stderr)
+        print(f"{_who()}: {exc}", file=sys.stderr)
         return exc.exit_code
     except SystemExit as exc:  # argparse: usage errors exit 2 with their message
         return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_SPEC

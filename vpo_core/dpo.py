@@ -54,18 +54,24 @@ def dpo_pair_loss(
     """Diffusion-DPO on a batch of pairs with ``policy`` and its reference (``policy.use_reference()``).
 
     ``shared_noise=True`` (default, as in Diffusion-DPO) uses the same timestep and noise for the winner and
-    loser of a pair, which lowers variance; ``False`` draws them independently as VideoDPO's code does.
+    loser of a pair, which lowers variance; ``False`` draws them independently as VideoDPO's code does. Each pair
+    draws from its own generator when the batch carries per-pair ``seeds`` (the loop's batches do), so a pair's
+    noise does not depend on how pairs are split into micro-steps, chunks or processes; else from ``generator``.
     """
     b = batch.winner_latents.shape[0]
     latents = torch.cat([batch.winner_latents, batch.loser_latents])
+    gens = [torch.Generator().manual_seed(int(s)) for s in batch.seeds] if batch.seeds else [generator] * b
+
+    def draw(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A timestep and noise per row of ``rows``, row i from ``gens[i]``."""
+        t = torch.cat([policy.sample_timesteps(1, g) for g in gens])
+        return t, torch.cat([policy.sample_noise(rows[i:i + 1], g) for i, g in enumerate(gens)])
     if shared_noise:
-        t = policy.sample_timesteps(b, generator)
-        timesteps = torch.cat([t, t])
-        noise_w = policy.sample_noise(batch.winner_latents, generator)
-        noise = torch.cat([noise_w, noise_w])
+        t, noise_w = draw(batch.winner_latents)
+        timesteps, noise = torch.cat([t, t]), torch.cat([noise_w, noise_w])
     else:
-        timesteps = policy.sample_timesteps(2 * b, generator)
-        noise = policy.sample_noise(latents, generator)
+        (t_w, n_w), (t_l, n_l) = draw(batch.winner_latents), draw(batch.loser_latents)
+        timesteps, noise = torch.cat([t_w, t_l]), torch.cat([n_w, n_l])
     prompts = list(batch.prompts) * 2
     model = policy.denoising_loss(latents, prompts, timesteps, noise)
     with torch.no_grad(), policy.use_reference():
@@ -73,5 +79,4 @@ def dpo_pair_loss(
     loss, metrics = diffusion_dpo_loss(model[:b], model[b:], ref[:b], ref[b:], beta, batch.weights)
     if batch.margins is not None:
         metrics["reward_margin"] = batch.margins.float().mean().item()
-    metrics["pairs"] = float(b)
     return ObjectiveOutput(loss=loss, metrics=metrics)

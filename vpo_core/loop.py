@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -66,7 +67,8 @@ def lr_lambda(kind: str, warmup: int, total: int):
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM: finish the current step, checkpoint, exit (a second signal interrupts at once)."""
+    """SIGINT/SIGTERM: finish the current step, checkpoint, exit. A second Ctrl-C interrupts at once; repeated
+    SIGTERMs do not (launchers such as torchrun send more than one while shutting down)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -80,7 +82,9 @@ class _StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.signum = signum
         print(f"\nvpo: received {signal.Signals(signum).name}; finishing this step, then saving a checkpoint",
               file=sys.stderr)
@@ -124,10 +128,10 @@ class Trainer:
         acc = self.accelerator = make_accelerator(self.r, self.output_dir)
         self.main, self.world, self.rank = acc.is_main_process, acc.num_processes, acc.process_index
         t = self.spec.train
-        for count, key in ((t.prompts_per_step, "prompts_per_step"), (t.pairs_per_step, "pairs_per_step")):
-            if count % self.world:
-                raise SpecError(f"{count} is not divisible by the {self.world} processes; each process takes an "
-                                f"equal share of a micro-step's rows", f"train.{key}")
+        key = "pairs_per_step" if self.r.mode == "offline pairs" else "prompts_per_step"
+        if getattr(t, key) % self.world:
+            raise SpecError(f"{getattr(t, key)} is not divisible by the {self.world} processes; each process takes an "
+                            f"equal share of a micro-step's rows", f"train.{key}")
         outcome: list[Any] = [None]
         if self.main:
             try:
@@ -151,8 +155,15 @@ class Trainer:
                                 f"'{self.r.objective.component.name}'; use 'vpo'", "data.pairs_format")
             self.pair_data = data if data is not None else PairDataset(self.spec.data.pairs)
         self.policy.train(True)  # sampling switches to eval mode and back; losses run in train mode
-        if self.world > 1:  # route the trainable module's forward passes through the engine's wrapper
-            self.policy.trainable.wrap(acc.prepare_model)
+        if self.world > 1:  # the engine synchronises gradients: FSDP2 shards the module, DDP wraps it
+            from accelerate.utils import DistributedType
+
+            self.fsdp = acc.distributed_type == DistributedType.FSDP or \
+                os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"  # accelerate has no FSDP on CPUs
+            if self.fsdp:
+                self.policy.trainable.shard()
+            else:
+                self.policy.trainable.wrap(acc.prepare_model)
         params = [q for q in self.policy.trainable_parameters() if q.requires_grad]
         if not params:
             raise SpecError("the policy has no trainable parameters; check its LoRA / fine-tuning settings", "policy")
@@ -274,7 +285,7 @@ class Trainer:
             gen = torch.Generator().manual_seed(derive_seed(self.spec.seed, "step", step, micro))
             ctx = StepContext(step=step, generator=gen, score=self.parts.rewards.score)
             sync = wrapped is None or i == len(chunks) - 1
-            with (contextlib.nullcontext() if sync else self.accelerator.no_sync(wrapped)):
+            with (contextlib.nullcontext() if sync else _no_sync(self.accelerator, wrapped)):
                 with self.accelerator.autocast():
                     out = call(self.r.objective, "loss()", self.parts.objective.loss, self.policy, chunk, ctx)
                 # mean over the rows of the whole step (and of every process: the engine averages over them)
@@ -424,7 +435,8 @@ class Trainer:
                 if self.main:
                     _truncate_jsonl(self.output_dir / METRICS, start_step)
                     _truncate_jsonl(self.output_dir / EVALS, start_step)
-                print(f"vpo: resumed from {latest} (step {start_step})", file=sys.stderr)
+                if self.main:
+                    print(f"vpo: resumed from {latest} (step {start_step})", file=sys.stderr)
             elif self.main and self.resume:  # killed before its first checkpoint: start over
                 _truncate_jsonl(self.output_dir / METRICS, -1)
                 _truncate_jsonl(self.output_dir / EVALS, -1)
@@ -505,7 +517,8 @@ class Trainer:
         target = tmp if self.main else Path(tempfile.mkdtemp(prefix="vpo-final-"))
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir()
-        self.policy.save_pretrained(target)
+        with self.policy.trainable.gathered():
+            self.policy.save_pretrained(target)
         if not self.main:
             shutil.rmtree(target, ignore_errors=True)
             return
@@ -527,6 +540,20 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _no_sync(accelerator: Any, module: Any):
+    """Backward passes inside accumulate gradients locally; the step's last backward synchronises them."""
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        with accelerator.no_sync(module):
+            yield
+
+
 def _slices(n: int, size: int) -> list[slice]:
     return [slice(s, min(n, s + size)) for s in range(0, n, size)]
 

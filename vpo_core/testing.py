@@ -162,8 +162,7 @@ class ToyPolicy:
         self.trainable.load_state_dict(state, "toy policy")
 
     def save_pretrained(self, directory: Path) -> None:
-        save_file({k: v.contiguous() for k, v in self.trainable.full_state_dict().items()},
-                  str(Path(directory) / "toy.safetensors"))
+        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(Path(directory) / "toy.safetensors"))
 
     def train(self, mode: bool = True):
         self.net.train(mode)

@@ -9,13 +9,13 @@ LONGEST side to 224, zero (black) padding to 224x224, OpenAI CLIP mean/std. No c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoTokenizer, CLIPModel
 
-from vpo_core import BuildContext, PartConfig, VpoError, iter_chunks
+from vpo_core import BuildContext, RewardConfig, VpoError, iter_chunks
 
 from .convert import clip_model_from_open_clip, load_open_clip_state_dict
 
@@ -27,7 +27,12 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class HPSv2Config(PartConfig):
+class HPSv2Config(RewardConfig):
+    differentiable: ClassVar[bool] = True
+
+    def score_dimensions(self) -> list[str]:
+        return ["score"]
+
     # Hub repo of the original checkpoints (xswu/HPSv2, file picked by `version`), a local .pt file, or a
     # converted CLIPModel directory / hub repo (written by vpo-hpsv2-convert, or e.g. adams-story/HPSv2-hf).
     model: str = HPSV2_REPO

@@ -132,7 +132,7 @@ def test_train_on_built_pairs_and_reweight(spec, pm, tmp_path):
     result = Trainer(resolved, progress=False).run()
     rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if r["step"] > 0 and not r.get("final")]
-    assert len(trained) == 2 and all(r["skipped"] == 0 and r["objective/pairs"] == 2 for r in trained)
+    assert len(trained) == 2 and all(r["skipped"] == 0 and r["pairs"] == 4 for r in trained)  # 2 micro-steps x 2
     assert all("objective/implicit_accuracy" in r for r in trained)
     # weights: as stored by the build (alpha 1), recomputed with another alpha, or 1 with alpha 0
     stored = open_vpo_pairs(out)

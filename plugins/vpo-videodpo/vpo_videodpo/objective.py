@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import ClassVar, Optional
 
 from pydantic import Field
-from vpo_core import BuildContext, ObjectiveOutput, PairBatch, PartConfig, SpecError, StepContext, dpo_pair_loss
+from vpo_core import (BuildContext, Objective, ObjectiveConfig, ObjectiveOutput, PairBatch, SpecError, StepContext,
+                      dpo_pair_loss)
 
 from .selector import DEFAULT_MAX_WEIGHT, pair_weight
 from .videodpo_data import VideoDPOPairDataset
@@ -32,7 +33,7 @@ from .videodpo_data import VideoDPOPairDataset
 PAIR_FORMATS = ("vpo", "videodpo")
 
 
-class VideoDPOConfig(PartConfig):
+class VideoDPOConfig(ObjectiveConfig):
     """Spec section of ``objective: {type: videodpo_dpo}``."""
 
     requires: ClassVar[str] = "pairs"
@@ -65,9 +66,7 @@ class VideoDPOConfig(PartConfig):
     validate_clips: bool = True
 
 
-class VideoDPOObjective:
-    requires = "pairs"
-
+class VideoDPOObjective(Objective):
     def __init__(self, config: VideoDPOConfig, context: BuildContext | None = None) -> None:
         self.config = config
         self.output_dir = context.output_dir if context is not None else None

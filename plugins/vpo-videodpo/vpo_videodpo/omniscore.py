@@ -20,7 +20,7 @@ from typing import Literal, Mapping, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from vpo_core import PartConfig, RunError
+from vpo_core import RunError, SelectorConfig
 
 # VBench dimension -> (min, max, weight, divide_by). Ranges and weights from VideoDPO's OmniScore code;
 # imaging_quality (MUSIQ) is reported on 0..100 and divided by 100 first.
@@ -143,7 +143,7 @@ def omniscore(scores: Mapping[str, torch.Tensor], quality: Mapping[str, object] 
     return omniscore_parts(scores, quality, semantic, quality_weight, semantic_weight, on_missing)["omniscore"]
 
 
-class OmniScoreConfig(PartConfig):
+class OmniScoreConfig(SelectorConfig):
     """The OmniScore keys of a config section (shared by the selector and ``vpo videodpo build-pairs``)."""
 
     # {score key or bare dimension: {min, max, weight, divide_by}}; default VideoDPO's VBench quality set.
