@@ -57,10 +57,10 @@ def resume_command(args) -> str:
 
 
 def cmd_run(args, pm) -> int:
+    resolved = _load(args, pm)  # before importing torch: a bad spec fails fast and small
     from .loop import Trainer
     from .report import terminal_summary
 
-    resolved = _load(args, pm)
     trainer = Trainer(resolved, resume=args.resume, progress=not args.no_progress, output_dir=args.output_dir,
                       allow_spec_change=args.allow_spec_change)
     try:
@@ -106,8 +106,8 @@ def cmd_validate(args, pm) -> int:
             r = resolve(source, pm())
             print(f"{path}: valid ({r.mode}; policy {r.policy.component.name}, objective "
                   f"{r.objective.component.name}, rewards: {', '.join(x.name for x in r.rewards) or 'none'})")
-        except VpoError as exc:
-            print(f"{path}: {str(exc).replace(chr(10), chr(10) + '  ')}")
+        except VpoError as exc:  # the file's line, then its problems indented under it
+            print(f"{path}: {str(exc).replace(chr(10), chr(10) + '  ')}", file=sys.stderr)
             worst = max(worst, exc.exit_code)
     return worst
 
