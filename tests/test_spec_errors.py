@@ -29,7 +29,8 @@ CASES = [
     ("bad-mixed-precision", replace("  learning_rate: 0.003", "  learning_rate: 0.003\n  mixed_precision: fp8"), 2,
      ["train.mixed_precision"]),
     ("unknown-policy-type", replace("  type: toy\n", "  type: toyy\n"), 2, ["policy.type", "did you mean 'toy'", "@type: toyy"]),
-    ("plugin-not-installed", replace("  type: toy\n", "  type: cogvideox\n"), 3, ["policy.type", "pip install vpo-cogvideox"]),
+    ("plugin-filtered-out", replace("  type: toy\n", "  type: cogvideox\n"), 3,
+     ["policy.type", "vpo-cogvideox, which is installed but not loaded", "VPO_LOAD_PLUGINS=none-installed"]),
     ("unknown-objective", replace("  type: toy_dpo", "  type: nonsense"), 2, ["objective.type", "unknown objective"]),
     ("plugin-config-unknown-key", replace("  beta: 50", "  betta: 50"), 2, ["objective.betta", "did you mean 'beta'", "@betta"]),
     ("plugin-config-bad-type", replace("  beta: 50", "  beta: huge"), 2, ["objective.beta", "@beta: huge"]),
@@ -111,3 +112,18 @@ def test_schema_includes_plugin_configs(toy_env, capsys):
     schema = json.loads(capsys.readouterr().out)
     text = json.dumps(schema)
     assert "toy_dpo" in text and "beta" in text and "reference_update_every" in text
+
+
+def test_plugin_not_installed_says_what_to_install(tmp_path, toy_env, capsys, monkeypatch):
+    import importlib.metadata as md
+
+    from vpo_core import plugins
+
+    def missing(name):
+        raise md.PackageNotFoundError(name)
+
+    monkeypatch.setattr(plugins.md, "distribution", missing)
+    path = tmp_path / "spec.yaml"
+    path.write_text(replace("  type: toy\n", "  type: cogvideox\n"))
+    assert main(["validate", str(path)]) == 3
+    assert "policy 'cogvideox' is not installed. Install it with: pip install vpo-cogvideox" in capsys.readouterr().err

@@ -241,7 +241,7 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, Any]:
         """One optimizer step. Non-finite rewards, losses or gradients skip the update (weights untouched)."""
         t, seed = self.spec.train, self.spec.seed
-        metrics: dict[str, Any] = {"lr": self.scheduler.get_last_lr()[0]}
+        metrics: dict[str, Any] = {"lr": self.optimizer.optimizer.param_groups[0]["lr"]}  # the rate this step uses
         torch.manual_seed(derive_seed(seed, "torch", step, self.rank))  # dropout etc. independent of history
         self.optimizer.zero_grad(set_to_none=True)
         collect = {"rollout": self._rollout, "offline pairs": self._offline, "online pairs": self._online}[self.r.mode]

@@ -234,9 +234,16 @@ def missing_component_error(pm: PluginManager, kind: Kind, name: str, path: str,
             return SpecError(
                 f"{kind} '{name}' comes from {broken.describe()}, which is installed but broken: {broken.error}",
                 path, line, exit_code=3)
-        return SpecError(
-            f"{kind} '{name}' is not installed. Install it with: {provider.install}",
-            path, line, exit_code=3)
+        try:
+            md.distribution(provider.distribution)
+        except md.PackageNotFoundError:
+            return SpecError(f"{kind} '{name}' is not installed. Install it with: {provider.install}",
+                             path, line, exit_code=3)
+        only, off = os.environ.get("VPO_LOAD_PLUGINS"), os.environ.get("VPO_DISABLE_PLUGINS")
+        why = f"VPO_DISABLE_PLUGINS={off} disables it" if off and {provider.name, provider.distribution} & \
+            _split_env("VPO_DISABLE_PLUGINS") else f"VPO_LOAD_PLUGINS={only} does not include it"
+        return SpecError(f"{kind} '{name}' comes from {provider.distribution}, which is installed but not loaded: "
+                         f"{why} (add '{provider.name}' to VPO_LOAD_PLUGINS or unset it)", path, line, exit_code=3)
     known = sorted(pm.components[kind])
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else "."
