@@ -23,6 +23,7 @@ to serve every allocation >= 64 KiB by mmap so that freed tensors leave the RSS 
     python bench/memory.py --device cuda --sizes 49x480x720 --layers 30 --heads 30 --head-dim 64
     python bench/memory.py --vader-frames one_random          # VADER decoding one latent frame (image rewards)
     OMP_NUM_THREADS=2 python bench/memory.py --policy opensora   # Open-Sora v1.2 (random STDiT3 + video VAE)
+    OMP_NUM_THREADS=2 python bench/memory.py --policy videocrafter2   # VideoCrafter2 (random LVDM UNet, CFG 12)
 
 Measured on 2 shared CPU cores (defaults; MiB above set-up): OnlineVPO 78.9 / 161.4 vs VADER (frames=all)
 205.9 / 737.6 at 9x64x64 / 17x96x96 (ratios 0.38 / 0.22); OnlineVPO at 50 vs 10 steps: 1.001x. With
@@ -33,7 +34,9 @@ The CUDA line above approximates CogVideoX-2B's transformer (30 layers, 30 heads
 point ``--model THUDM/CogVideoX-2b`` at the real weights to measure those instead. For Open-Sora, ``--model DIR``
 takes a directory with ``transformer/``, ``vae/`` and ``text_encoder/`` in the published layouts, and
 ``--model published`` the hub ids (STDiT-v3 is 28 layers, 16 heads x 72: ``--layers 28 --heads 16 --head-dim 72``
-for a random stand-in).
+for a random stand-in). For VideoCrafter2 the random model is an LVDM UNet with 64 channels, multipliers (1, 2, 2),
+heads of 32, and a 4-level SD VAE (32-64 channels, x8 as VideoCrafter2's); ``--model DIR`` takes a directory with
+``model.ckpt`` (or the converted ``model.safetensors``) and ``tokenizer/``.
 """
 
 from __future__ import annotations
@@ -94,6 +97,16 @@ def build_opensora_model(directory: Path, layers: int, heads: int, head_dim: int
     return directory
 
 
+def build_videocrafter2_model(directory: Path, *unused) -> Path:
+    """A random VideoCrafter2 model.ckpt (original key names): the tiny test model with a larger UNet."""
+    from vpo_videocrafter2.testing import build_tiny_videocrafter2
+    from vpo_videocrafter2.unet import UNetConfig
+
+    unet = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4, 2, 1),
+                      num_head_channels=32, context_dim=64)
+    return build_tiny_videocrafter2(directory, seed=0, unet=unet, vae_mult=(1, 2, 2, 2))  # VAE x8 as VideoCrafter2's
+
+
 def build_policy(args: argparse.Namespace, device: torch.device, frames: int, height: int, width: int):
     from vpo_core import BuildContext
 
@@ -104,6 +117,12 @@ def build_policy(args: argparse.Namespace, device: torch.device, frames: int, he
         from vpo_cogvideox import CogVideoXConfig, build
 
         config = CogVideoXConfig(model=args.model, guidance_scale=6.0, **common)
+    elif args.policy == "videocrafter2":
+        from vpo_videocrafter2 import VideoCrafter2Config, build
+
+        tokenizer = Path(args.model) / "tokenizer"
+        config = VideoCrafter2Config(model=args.model, guidance_scale=12.0, **common, **(
+            {"tokenizer": str(tokenizer)} if tokenizer.is_dir() else {}))
     else:
         from vpo_opensora import OpenSoraConfig, build
 
@@ -161,7 +180,7 @@ def child(args: argparse.Namespace) -> None:
         return out
 
     # set-up: text embeddings cached, as after the first step (CogVideoX's CFG encodes the empty negative prompt)
-    policy.embed_prompts([PROMPT, ""] if args.policy == "cogvideox" else [PROMPT])
+    policy.embed_prompts([PROMPT, ""] if args.policy in ("cogvideox", "videocrafter2") else [PROMPT])
     ctx = StepContext(step=1, generator=torch.Generator().manual_seed(0), score=score)
     memory = PeakMemory(device)
     memory.start()
@@ -203,9 +222,10 @@ def measure(args: argparse.Namespace, case: str, size: str, steps: int) -> float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--policy", default="cogvideox", choices=["cogvideox", "opensora"])
+    parser.add_argument("--policy", default="cogvideox", choices=["cogvideox", "opensora", "videocrafter2"])
     parser.add_argument("--sizes", default=None, help="FRAMESxHEIGHTxWIDTH, comma separated (default: 9x64x64,"
-                        "17x96x96 for CogVideoX; 17x64x64,34x96x96 for Open-Sora, which takes 1 or >= 17 frames)")
+                        "17x96x96 for CogVideoX; 17x64x64,34x96x96 for Open-Sora, which takes 1 or >= 17 frames; "
+                        "16x64x64,16x128x128 for VideoCrafter2)")
     parser.add_argument("--steps", default="10,50", help="sampling steps: the first is used for the size table")
     parser.add_argument("--candidates", type=int, default=4, help="N candidates per prompt (OnlineVPO)")
     parser.add_argument("--vader-frames", default="all", choices=["all", "every_nth", "one_random"])
@@ -223,19 +243,24 @@ def main() -> None:
         args.steps = int(args.steps)
         return child(args)
 
-    sizes = (args.sizes or ("9x64x64,17x96x96" if args.policy == "cogvideox" else "17x64x64,34x96x96")).split(",")
+    default_sizes = {"cogvideox": "9x64x64,17x96x96", "opensora": "17x64x64,34x96x96",
+                     "videocrafter2": "16x64x64,16x128x128"}
+    sizes = (args.sizes or default_sizes[args.policy]).split(",")
     steps = [int(s) for s in args.steps.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
-            builder = build_model if args.policy == "cogvideox" else build_opensora_model
+            builder = {"cogvideox": build_model, "opensora": build_opensora_model,
+                       "videocrafter2": build_videocrafter2_model}[args.policy]
             args.model = str(builder(Path(tmp) / args.policy, args.layers, args.heads, args.head_dim,
                                      args.vae_channels))
-            name = "CogVideoX" if args.policy == "cogvideox" else "Open-Sora v1.2"
+            name = {"cogvideox": "CogVideoX", "opensora": "Open-Sora v1.2",
+                    "videocrafter2": "VideoCrafter2"}[args.policy]
             what = (f"random {name} ({args.layers} layers, {args.heads}x{args.head_dim} heads, "
-                    f"VAE {args.vae_channels} ch)")
+                    f"VAE {args.vae_channels} ch)" if args.policy != "videocrafter2" else
+                    f"random {name} (LVDM UNet 64 ch x (1, 2, 2), heads of 32; SD VAE 32-64 ch, x8)")
         else:
             what = args.model
-        cfg = 6 if args.policy == "cogvideox" else 7
+        cfg = {"cogvideox": 6, "opensora": 7, "videocrafter2": 12}[args.policy]
         print(f"{what} on {args.device}; OnlineVPO: 1 prompt x {args.candidates} candidates, CFG {cfg}, DPO on the "
               f"best/worst pair; VADER: 1 rollout, last-step cutoff, frames={args.vader_frames}; "
               f"gradient checkpointing on")

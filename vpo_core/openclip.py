@@ -104,6 +104,22 @@ def clip_config(state_dict: dict[str, torch.Tensor], vision_heads: int | None = 
     return dict(projection_dim=projection_dim, vision_config=vision, text_config=text)
 
 
+def text_tower_shapes(width: int, blocks: int, context: int = 77, vocab_size: int = 49408,
+                      projection_dim: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of an open_clip text tower (``token_embedding``, ``transformer.resblocks.*``, ...), e.g. to
+    write tiny random checkpoints in the published layout."""
+    shapes = {"token_embedding.weight": (vocab_size, width), "positional_embedding": (context, width),
+              "ln_final.weight": (width,), "ln_final.bias": (width,),
+              "text_projection": (width, projection_dim or width), "logit_scale": ()}
+    for i in range(blocks):
+        p = f"transformer.resblocks.{i}."
+        shapes |= {p + "attn.in_proj_weight": (3 * width, width), p + "attn.in_proj_bias": (3 * width,)}
+        for name, shape in (("ln_1", (width,)), ("ln_2", (width,)), ("attn.out_proj", (width, width)),
+                            ("mlp.c_fc", (4 * width, width)), ("mlp.c_proj", (width, 4 * width))):
+            shapes |= {f"{p}{name}.weight": shape, f"{p}{name}.bias": (shape[0],)}
+    return shapes
+
+
 class _KeyReader:
     """Reads keys of the original state dict and remembers which ones were used (to catch unknown weights)."""
 

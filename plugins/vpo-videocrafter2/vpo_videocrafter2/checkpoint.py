@@ -209,7 +209,8 @@ def run_convert(args: argparse.Namespace) -> int:
     out = Path(args.out)
     target = out if out.suffix == ".safetensors" else out / "model.safetensors"
     target.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous() for k, v in sorted(state.items())}
+    tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous()
+               for k, v in sorted(state.items())}
     save_file(tensors, str(target), metadata={"format": "pt", "converted_from": source})
     print(f"wrote {target} ({len(tensors)} tensors, {sum(v.numel() for v in tensors.values()) / 1e9:.2f} B "
           f"parameters; UNet, VAE and text tower of {source})")

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
-from vpo_core.adapters import LoraSpec as BaseLoraSpec
-from vpo_core.types import PolicyConfig
+from vpo_core import LoraSpec as BaseLoraSpec, PolicyConfig
 
 DEFAULT_TOKENIZER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
@@ -51,6 +50,14 @@ class VideoCrafter2Config(PolicyConfig):
     micro_batch_size: int = Field(1, ge=1)  # rows denoised together (x2 with CFG)
     vae_micro_batch_size: int = Field(16, ge=1)  # frames per VAE decode / encode call
     text_cache_size: int = Field(1024, ge=0)  # prompt embeddings kept (LRU); 0 disables the cache
+
+    @field_validator("num_inference_steps")
+    @classmethod
+    def _inside_the_schedule(cls, value: int) -> int:
+        if 999 % (1000 // value) == 0:  # range(0, 1000, 1000 // steps) + 1 would reach timestep 1000
+            raise ValueError(f"LVDM's uniform DDIM timesteps for {value} steps end at timestep 1000, beyond its "
+                             f"1000-step schedule (LVDM itself fails there); choose another count, e.g. {value + 1}")
+        return value
 
     @field_validator("height", "width")
     @classmethod

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import torch
+from vpo_core.openclip import text_tower_shapes
 
 from .checkpoint import TEXT, UNET, VAE
 from .unet import LVDMUNet, UNetConfig
@@ -82,22 +83,6 @@ def ldm_vae_shapes(ch: int = VAE_CHANNELS, ch_mult=VAE_MULT, num_res_blocks: int
 
 
 # ----------------------------------------------------------------------------------------------- text tower
-def open_clip_text_shapes(width: int = TEXT_WIDTH, blocks: int = TEXT_BLOCKS, context: int = TEXT_CONTEXT,
-                          vocab_size: int = 514) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of open_clip's text tower (a CLIP with its ``visual`` deleted, as LVDM keeps it)."""
-    shapes = {"token_embedding.weight": (vocab_size, width), "positional_embedding": (context, width),
-              "ln_final.weight": (width,), "ln_final.bias": (width,), "text_projection": (width, width),
-              "logit_scale": ()}
-    for i in range(blocks):
-        p = f"transformer.resblocks.{i}."
-        shapes |= {p + "ln_1.weight": (width,), p + "ln_1.bias": (width,), p + "attn.in_proj_weight": (3 * width, width),
-                   p + "attn.in_proj_bias": (3 * width,), p + "attn.out_proj.weight": (width, width),
-                   p + "attn.out_proj.bias": (width,), p + "ln_2.weight": (width,), p + "ln_2.bias": (width,),
-                   p + "mlp.c_fc.weight": (4 * width, width), p + "mlp.c_fc.bias": (4 * width,),
-                   p + "mlp.c_proj.weight": (width, 4 * width), p + "mlp.c_proj.bias": (width,)}
-    return shapes
-
-
 def byte_level_clip_tokenizer():
     """A CLIP BPE tokenizer over the 256 byte symbols (no merges), start/end of text last: 514 tokens, offline."""
     from tokenizers import pre_tokenizers
@@ -112,24 +97,29 @@ def byte_level_clip_tokenizer():
 
 
 # ----------------------------------------------------------------------------------------------- checkpoint
-def tiny_state_dict(seed: int = 0, unet: UNetConfig = TINY_UNET) -> dict[str, torch.Tensor]:
+def tiny_state_dict(seed: int = 0, unet: UNetConfig = TINY_UNET, vae_mult: tuple[int, ...] = VAE_MULT
+                    ) -> dict[str, torch.Tensor]:
     """Random weights of the three models under VideoCrafter2's original key names."""
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         names = {k: tuple(v.shape) for k, v in LVDMUNet(unet).state_dict().items()}
     state = {UNET + k: _random(shape, k, generator) for k, shape in names.items()}
-    state |= {VAE + k: _random(shape, k, generator) for k, shape in ldm_vae_shapes().items()}
-    text = {TEXT + k: _random(shape, k, generator) for k, shape in open_clip_text_shapes().items()}
+    state |= {VAE + k: _random(shape, k, generator) for k, shape in ldm_vae_shapes(ch_mult=vae_mult).items()}
+    shapes = text_tower_shapes(TEXT_WIDTH, TEXT_BLOCKS, TEXT_CONTEXT, vocab_size=514)  # the byte-level tokenizer's
+    text = {TEXT + k: _random(shape, k, generator) for k, shape in shapes.items()}
     text[TEXT + "logit_scale"] = torch.tensor(math.log(100.0))
     return state | text
 
 
-def build_tiny_videocrafter2(directory: str | Path, seed: int = 0, needs_pickle: bool = False) -> Path:
+def build_tiny_videocrafter2(directory: str | Path, seed: int = 0, needs_pickle: bool = False,
+                             unet: UNetConfig = TINY_UNET, vae_mult: tuple[int, ...] = VAE_MULT) -> Path:
     """Write ``model.ckpt`` and ``tokenizer/`` to ``directory`` and return it. ``needs_pickle``: add Lightning's
-    ``hyper_parameters`` as a Python object, so that the file needs full unpickling (as many Lightning files do)."""
+    ``hyper_parameters`` as a Python object, so that the file needs full unpickling (as many Lightning files do).
+    ``unet`` / ``vae_mult``: another (e.g. larger) UNet, whose ``context_dim`` must stay the text tower's width
+    (64), and VAE channel multipliers (of 32 channels; 4 levels downsample by 8 as VideoCrafter2's)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = tiny_state_dict(seed)
+    state = tiny_state_dict(seed, unet, vae_mult)
     # LatentDiffusion's own buffers are in the state dict too; the loader ignores them.
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     state |= {"betas": betas.float(), "alphas_cumprod": torch.cumprod(1 - betas, 0).float(),

@@ -223,7 +223,8 @@ class TemporalConvBlock(nn.Module):
         super().__init__()
 
         def layer(with_dropout: bool) -> nn.Sequential:
-            return nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), *([nn.Dropout(dropout)] if with_dropout else []),
+            dropout_layer = [nn.Dropout(dropout)] if with_dropout else []
+            return nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), *dropout_layer,
                                  nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)))
 
         self.conv1, self.conv2, self.conv3, self.conv4 = layer(False), layer(True), layer(True), layer(True)
@@ -238,7 +239,8 @@ class TemporalConvBlock(nn.Module):
 class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, temporal_conv: bool, dropout: float):
         super().__init__()
-        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Identity(),  # out_layers.2: dropout 0
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
@@ -284,6 +286,19 @@ class Block(nn.Sequential):
             else:
                 x = layer(x)
         return x
+
+
+def _in_mode(block: Block, training: bool, *args) -> torch.Tensor:
+    """``block(*args)`` in train / eval mode ``training``: the backward pass recomputes a checkpointed block in the
+    mode of its forward pass (a rollout sampled in eval mode is back-propagated after the policy returned to train
+    mode, and the temporal convolutions' dropout must not switch on in between)."""
+    if block.training == training:
+        return block(*args)
+    block.train(training)
+    try:
+        return block(*args)
+    finally:
+        block.train(not training)
 
 
 # ----------------------------------------------------------------------------------------------- the UNet
@@ -343,8 +358,8 @@ class LVDMUNet(nn.Module):
         return 2 ** (len(self.config.channel_mult) - 1)
 
     def _run(self, block: Block, x: torch.Tensor, *args) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, *args, use_reentrant=False)  # per block: recomputed in the backward pass
+        if self.gradient_checkpointing and torch.is_grad_enabled():  # per block: recomputed in the backward pass
+            return checkpoint(_in_mode, block, block.training, x, *args, use_reentrant=False)
         return block(x, *args)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,

@@ -318,7 +318,8 @@ class VideoCrafter2Policy:
         noise = noise.to(self.device, torch.float32)
         t = timesteps.to(self.device).long()
         s = self.schedule
-        noisy = _per_row(s.sqrt_alphas_cumprod[t] * s.scale[t]) * x0 + _per_row(s.sqrt_one_minus_alphas_cumprod[t]) * noise
+        noisy = (_per_row(s.sqrt_alphas_cumprod[t] * s.scale[t]) * x0
+                 + _per_row(s.sqrt_one_minus_alphas_cumprod[t]) * noise)
         fps = self.config.loss_fps or self.config.fps
         prediction = self._eps(noisy, t, self.embed_prompts(list(prompts)), fps)
         return (prediction - noise).pow(2).flatten(1).mean(dim=1)
