@@ -1,14 +1,16 @@
 """HPSv2 / HPSv2.1 human-preference reward for vpo."""
 
-from .convert import (
-    clip_config_from_state_dict,
-    clip_model_from_open_clip,
-    convert_state_dict,
-    load_open_clip_state_dict,
-)
-from .reward import HPSv2Config, HPSv2Reward, build_hpsv2_reward, load_hpsv2
+from .config import HPSv2Config
 
-__all__ = [
-    "HPSv2Config", "HPSv2Reward", "build_hpsv2_reward", "clip_config_from_state_dict", "clip_model_from_open_clip",
-    "convert_state_dict", "load_hpsv2", "load_open_clip_state_dict",
-]
+_LAZY = {"HPSv2Reward": "reward", "build_hpsv2_reward": "reward", "load_hpsv2": "reward",
+         "clip_config_from_state_dict": "convert", "clip_model_from_open_clip": "convert",
+         "convert_state_dict": "convert", "load_open_clip_state_dict": "convert"}
+__all__ = ["HPSv2Config", *_LAZY]
+
+
+def __getattr__(name):  # torch and transformers load when the reward is built
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(name)

@@ -1,14 +1,31 @@
-"""Registers the ``hpsv2`` reward and the ``vpo hpsv2 convert`` command."""
+"""Registers the ``hpsv2`` reward and the ``vpo hpsv2 convert`` command (imports only the config model)."""
 
 from vpo_core import hookimpl
 
-from .convert import configure_cli, run_cli
-from .reward import HPSv2Config, build_hpsv2_reward
+from .config import HPSv2Config
+
+
+def build_hpsv2(config, context):
+    from .reward import build_hpsv2_reward
+
+    return build_hpsv2_reward(config, context)
+
+
+def configure_cli(parser):
+    from .convert import configure_cli
+
+    configure_cli(parser)
+
+
+def run_cli(args):
+    from .convert import run_cli
+
+    return run_cli(args)
 
 
 @hookimpl
 def vpo_register_rewards(register):
-    register("hpsv2", build_hpsv2_reward, HPSv2Config)
+    register("hpsv2", build_hpsv2, HPSv2Config)
 
 
 @hookimpl

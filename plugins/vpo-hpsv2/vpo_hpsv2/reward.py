@@ -9,48 +9,21 @@ LONGEST side to 224, zero (black) padding to 224x224, OpenAI CLIP mean/std. No c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoTokenizer, CLIPModel
 
-from vpo_core import BuildContext, RewardConfig, VpoError, iter_chunks
+from vpo_core import BuildContext, VpoError, iter_chunks
+
+from .config import CHECKPOINT_FILES, HPSV2_REPO, HPSv2Config  # noqa: F401 (re-exported)
 
 from .convert import clip_model_from_open_clip, load_open_clip_state_dict
 
-HPSV2_REPO = "xswu/HPSv2"
-CHECKPOINT_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 DEFAULT_TOKENIZER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class HPSv2Config(RewardConfig):
-    differentiable: ClassVar[bool] = True
-
-    def score_dimensions(self) -> list[str]:
-        return ["score"]
-
-    # Hub repo of the original checkpoints (xswu/HPSv2, file picked by `version`), a local .pt file, or a
-    # converted CLIPModel directory / hub repo (written by vpo-hpsv2-convert, or e.g. adams-story/HPSv2-hf).
-    model: str = HPSV2_REPO
-    version: Literal["v2.0", "v2.1"] = "v2.1"
-    # None: the converted directory's own tokenizer if it has one, else the ViT-H-14 tokenizer of LAION.
-    tokenizer: str | None = None
-    # Frames scored per video, sampled uniformly over time; "all" scores every frame.
-    num_frames: int | Literal["all"] = 8
-    # Images (frames) per forward pass of the vision tower.
-    micro_batch_size: int = 8
-    # None: the model's own input size (224 for HPSv2).
-    image_size: int | None = None
-    # None: the run's device (BuildContext.device).
-    device: str | None = None
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    # Head counts are not stored in open_clip checkpoints; None uses ViT-H-14's (16 and 16).
-    vision_heads: int | None = None
-    text_heads: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 from vpo_core import PolicyConfig
-from vpo_core.adapters import LoraSpec as BaseLoraSpec
+from vpo_core import LoraSpec as BaseLoraSpec
 
 
 class LoraSpec(BaseLoraSpec):

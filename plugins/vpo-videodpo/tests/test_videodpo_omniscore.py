@@ -9,7 +9,8 @@ import pytest
 import torch
 from vpo_core import Pair, VpoError
 from vpo_videodpo import (OmniScore, OmniScoreConfig, OmniScoreSelector, OmniScoreSelectorConfig, dropped_count,
-                          omniscore, omniscore_parts, pair_weight, select_pairs)
+                          omniscore_parts, pair_weight, select_pairs)
+from vpo_videodpo.omniscore import omniscore
 
 # Two videos. By hand, with VBench's ranges:
 #   subject_consistency (min 0.1462): (0.5731 - 0.1462) / 0.8538 = 0.5 ; 1.0 -> 1.0

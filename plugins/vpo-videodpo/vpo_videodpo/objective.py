@@ -21,50 +21,11 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import ClassVar, Optional
+from vpo_core import BuildContext, Objective, ObjectiveOutput, PairBatch, SpecError, StepContext
 
-from pydantic import Field
-from vpo_core import (BuildContext, Objective, ObjectiveConfig, ObjectiveOutput, PairBatch, SpecError, StepContext,
-                      dpo_pair_loss)
-
-from .selector import DEFAULT_MAX_WEIGHT, pair_weight
+from .config import DEFAULT_MAX_WEIGHT, PAIR_FORMATS, VideoDPOConfig
+from .selector import pair_weight
 from .videodpo_data import VideoDPOPairDataset
-
-PAIR_FORMATS = ("vpo", "videodpo")
-
-
-class VideoDPOConfig(ObjectiveConfig):
-    """Spec section of ``objective: {type: videodpo_dpo}``."""
-
-    requires: ClassVar[str] = "pairs"
-
-    beta: float = Field(5000.0, gt=0)
-    # Same timestep and noise for winner and loser (Diffusion-DPO); false: independent (VideoDPO's code).
-    shared_noise: bool = True
-    # Re-weight pairs as (weight_reference / (s_w * s_l)) ** alpha from stored OmniScores ("vpo") or
-    # pair.json "score" ("videodpo"). null: keep the weights stored by the build ("vpo"), 1 ("videodpo").
-    alpha: Optional[float] = None
-    weight_reference: float = Field(0.72, gt=0)
-    # Cap on a pair's weight (null: none). A pair with an OmniScore (or pair.json score) <= 0 is skipped.
-    max_weight: Optional[float] = Field(DEFAULT_MAX_WEIGHT, gt=0)
-    # pairs_format "videodpo": clip decoding. null frames/height/width: the policy's own.
-    clip_frames: Optional[int] = Field(None, ge=1)
-    clip_stride: int = Field(4, ge=1)
-    clip_height: Optional[int] = Field(None, ge=1)
-    clip_width: Optional[int] = Field(None, ge=1)
-    # Where encoded latents are cached; null: OUTPUT_DIR/videodpo-latents (the run's directory). Never inside
-    # the data set, which may be read-only or shared.
-    cache_dir: Optional[str] = None
-    # Drop pairs with a clip shorter than this (seconds, metadata's clip_duration).
-    min_clip_duration: float = Field(0.0, ge=0)
-    # clip_path entries must lie inside data.pairs; true also accepts ".." and absolute paths outside it.
-    allow_outside_paths: bool = False
-    # Drop repeated pairs (same winner clip, loser clip and prompt); self-pairs are always dropped.
-    drop_duplicate_pairs: bool = True
-    # Decode every clip that is not cached yet when the data set is opened, so a broken clip stops the run
-    # before training rather than at the step that needs it.
-    validate_clips: bool = True
-
 
 class VideoDPOObjective(Objective):
     def __init__(self, config: VideoDPOConfig, context: BuildContext | None = None) -> None:
@@ -76,6 +37,8 @@ class VideoDPOObjective(Objective):
         if self.config.max_weight is not None:
             capped = int((batch.weights > self.config.max_weight).sum())
             batch = dataclasses.replace(batch, weights=batch.weights.clamp(max=self.config.max_weight))
+        from vpo_core.dpo import dpo_pair_loss
+
         out = dpo_pair_loss(policy, batch, ctx.generator, self.config.beta, self.config.shared_noise)
         out.metrics["weights_capped"] = float(capped)
         return out

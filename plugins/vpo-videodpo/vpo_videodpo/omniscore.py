@@ -19,53 +19,9 @@ from __future__ import annotations
 from typing import Literal, Mapping, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from vpo_core import RunError, SelectorConfig
+from vpo_core import RunError
 
-# VBench dimension -> (min, max, weight, divide_by). Ranges and weights from VideoDPO's OmniScore code;
-# imaging_quality (MUSIQ) is reported on 0..100 and divided by 100 first.
-VBENCH_DIMENSIONS: dict[str, tuple[float, float, float, float]] = {
-    "subject_consistency": (0.1462, 1.0, 1.0, 1.0),
-    "background_consistency": (0.2615, 1.0, 1.0, 1.0),
-    "temporal_flickering": (0.6293, 1.0, 1.0, 1.0),
-    "motion_smoothness": (0.706, 0.9975, 1.0, 1.0),
-    "dynamic_degree": (0.0, 1.0, 0.5, 1.0),
-    "aesthetic_quality": (0.0, 1.0, 1.0, 1.0),
-    "imaging_quality": (0.0, 1.0, 1.0, 100.0),
-    "object_class": (0.0, 1.0, 1.0, 1.0),
-    "multiple_objects": (0.0, 1.0, 1.0, 1.0),
-    "human_action": (0.0, 1.0, 1.0, 1.0),
-    "color": (0.0, 1.0, 1.0, 1.0),
-    "spatial_relationship": (0.0, 1.0, 1.0, 1.0),
-    "scene": (0.0, 0.8222, 1.0, 1.0),
-    "appearance_style": (0.0009, 0.2855, 1.0, 1.0),
-    "temporal_style": (0.0, 0.364, 1.0, 1.0),
-    "overall_consistency": (0.0, 0.364, 1.0, 1.0),
-}
-# VideoDPO's quality set (VBench's quality dimensions) and its semantic set (ViCLIP overall consistency).
-VBENCH_QUALITY = ("subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness",
-                  "dynamic_degree", "aesthetic_quality", "imaging_quality")
-VBENCH_SEMANTIC = ("overall_consistency",)
-
-
-class NormSpec(BaseModel):
-    """Normalisation of one key; unset fields take the VBench value of the dimension, else 0 / 1 / 1 / 1."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    min: Optional[float] = None
-    max: Optional[float] = None
-    weight: Optional[float] = Field(None, ge=0)
-    divide_by: Optional[float] = Field(None, gt=0)
-
-    def resolved(self, key: str) -> tuple[float, float, float, float]:
-        """(min, max, weight, divide_by) for ``key``."""
-        base = VBENCH_DIMENSIONS.get(key.rsplit(".", 1)[-1], (0.0, 1.0, 1.0, 1.0))
-        values = [base[i] if v is None else v for i, v in enumerate((self.min, self.max, self.weight, self.divide_by))]
-        if values[1] <= values[0]:
-            raise ValueError(f"'{key}': max ({values[1]}) must be greater than min ({values[0]})")
-        return tuple(values)  # type: ignore[return-value]
-
+from .config import VBENCH_DIMENSIONS, VBENCH_QUALITY, VBENCH_SEMANTIC, NormSpec, OmniScoreConfig  # noqa: F401
 
 NormTable = Mapping[str, Optional[NormSpec]]
 
@@ -141,30 +97,6 @@ def omniscore(scores: Mapping[str, torch.Tensor], quality: Mapping[str, object] 
               semantic_weight: float = 1.0, on_missing: Literal["error", "skip"] = "error") -> torch.Tensor:
     """OmniScore of every video: ``scores[key]`` of any shape (``[N]``, ``[P, N]``) -> the same shape."""
     return omniscore_parts(scores, quality, semantic, quality_weight, semantic_weight, on_missing)["omniscore"]
-
-
-class OmniScoreConfig(SelectorConfig):
-    """The OmniScore keys of a config section (shared by the selector and ``vpo videodpo build-pairs``)."""
-
-    # {score key or bare dimension: {min, max, weight, divide_by}}; default VideoDPO's VBench quality set.
-    quality: dict[str, Optional[NormSpec]] = Field(default_factory=lambda: {k: None for k in VBENCH_QUALITY})
-    # Same for the semantic set; {} makes OmniScore = Quality. Default VBench overall_consistency.
-    semantic: dict[str, Optional[NormSpec]] = Field(default_factory=lambda: {k: None for k in VBENCH_SEMANTIC})
-    quality_weight: float = Field(4.0, ge=0)
-    semantic_weight: float = Field(1.0, ge=0)
-    # A configured key no reward provides: "error" (default) or "skip" it.
-    on_missing: Literal["error", "skip"] = "error"
-
-    @model_validator(mode="after")
-    def _check(self) -> "OmniScoreConfig":
-        if not self.quality:
-            raise ValueError("`quality` is empty; OmniScore needs at least one quality key")
-        if self.semantic and self.quality_weight + self.semantic_weight <= 0:
-            raise ValueError("quality_weight + semantic_weight must be positive")
-        for table in (self.quality, self.semantic):
-            for key, spec in table.items():
-                (spec or NormSpec()).resolved(key)  # max > min
-        return self
 
 
 class OmniScore:

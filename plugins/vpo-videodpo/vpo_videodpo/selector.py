@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
-from pydantic import Field
 from vpo_core import BuildContext, Pair
 
-from .omniscore import OmniScore, OmniScoreConfig
+from .config import DEFAULT_MAX_WEIGHT, OmniScoreSelectorConfig  # noqa: F401
+from .omniscore import OmniScore
 
-# Upper bound of a pair's weight: (0.72 / 0.072) ** 1, i.e. two OmniScores of about 0.27 at alpha 1.
-DEFAULT_MAX_WEIGHT = 10.0
 
 
 def pair_weight(score_winner: float, score_loser: float, alpha: float, reference: float = 0.72,
@@ -96,22 +94,6 @@ def select_pairs(omni: torch.Tensor | Sequence[torch.Tensor], keep_top_fraction:
             continue
         pairs.append(Pair(p, w, l, weight, gap))
     return pairs
-
-
-class OmniScoreSelectorConfig(OmniScoreConfig):
-    """Spec section of ``selector: {type: omniscore}`` (OmniScore keys plus the pair filters)."""
-
-    # Keep this fraction of pairs, those with the largest OmniScore gaps (VideoDPO: 0.75).
-    keep_top_fraction: float = Field(0.75, gt=0, le=1)
-    # Keep a pair only if winner > mean OmniScore (over all videos of the call / dataset) > loser.
-    require_mean_split: bool = False
-    # A pair needs gap > min_gap (0: only exact ties are dropped).
-    min_gap: float = Field(0.0, ge=0)
-    # Re-weighting exponent (0: every weight 1) and its reference pair score. With alpha != 0 a pair with an
-    # OmniScore <= 0 is skipped (counted); weights are capped at max_weight (null: no cap).
-    alpha: float = 0.0
-    weight_reference: float = Field(0.72, gt=0)
-    max_weight: Optional[float] = Field(DEFAULT_MAX_WEIGHT, gt=0)
 
 
 class OmniScoreSelector:

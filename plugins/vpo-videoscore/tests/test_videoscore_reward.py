@@ -118,8 +118,9 @@ def processor_inputs(processor, frames_one, prompt):
 def test_entry_point_registers_videoscore():
     (ep,) = [ep for ep in entry_points(group="vpo") if ep.name == "videoscore"]
     registered = {}
-    ep.load().vpo_register_rewards(lambda name, factory, cfg: registered.update({name: (factory, cfg)}))
-    assert registered == {"videoscore": (build, VideoScoreConfig)}
+    module = ep.load()
+    module.vpo_register_rewards(lambda name, factory, cfg: registered.update({name: (factory, cfg)}))
+    assert registered == {"videoscore": (module.build_videoscore, VideoScoreConfig)}
 
 
 def test_scores_all_dimensions(reward):

@@ -8,14 +8,7 @@ from pathlib import Path
 import torch
 from vpo_core import VpoError
 
-# Head outputs of every VideoScore regression checkpoint, in order.
-DIMENSIONS = (
-    "visual_quality",
-    "temporal_consistency",
-    "dynamic_degree",
-    "text_alignment",
-    "factual_consistency",
-)
+from .config import DIMENSIONS  # noqa: F401 (re-exported)
 
 # The regression query of the official VideoScore inference code (TIGER-AI-Lab/VideoScore, examples/): the
 # models were trained on exactly this text, so it must not be reworded. "{text_prompt}" is the video's prompt.
