@@ -94,10 +94,14 @@ class SpyPlugin:
         register("spy_toy", SpyPolicy, ToyPolicyConfig)
 
 
-def test_each_step_and_micro_step_draws_fresh_noise_and_a_resume_redraws_the_same(toy_spec, toy_pm, tmp_path):
+@pytest.mark.parametrize("mode", ["online", "offline"])
+def test_each_step_and_micro_step_draws_fresh_noise_and_a_resume_redraws_the_same(mode, toy_spec, toy_pm, tmp_path):
     toy_pm.register_plugin(SpyPlugin(), "spy")
     common = ["policy={type: spy_toy}", "train.gradient_accumulation_steps=2", "train.prompts_per_step=1",
               "checkpoint.every=2"]
+    if mode == "offline":
+        pairs = build_pair_dataset(load_spec(toy_spec, toy_pm), tmp_path / "pairs", progress=False)
+        common.append(f"data.pairs={pairs}")
     SpyPolicy.draws = []
     run(toy_spec, toy_pm, *common, "train.steps=4", f"output_dir={tmp_path / 'straight'}")
     straight = SpyPolicy.draws
@@ -158,3 +162,26 @@ def test_diffusion_dpo_loss_against_hand_computed_values():
     model_w, model_l = torch.tensor([1.0], requires_grad=True), torch.tensor([2.0], requires_grad=True)
     diffusion_dpo_loss(model_w, model_l, torch.tensor([1.5]), torch.tensor([1.5]), beta=2.0)[0].backward()
     assert model_w.grad.item() > 0 > model_l.grad.item()
+
+
+def test_two_identical_runs_write_identical_final_bytes(tmp_path):
+    """Set and dict order depend on PYTHONHASHSEED: the saved files must not."""
+    import os
+    import subprocess
+    import sys
+
+    from vpo_core.testing import TOY_SPEC
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(TOY_SPEC.format(out=tmp_path / "out").replace("steps: 6", "steps: 2"))
+    finals = []
+    for hash_seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed, VPO_EXTRA_PLUGINS="vpo_core.testing",
+                   VPO_LOAD_PLUGINS="none", OMP_NUM_THREADS="1")
+        subprocess.run([sys.executable, "-m", "vpo_core.cli", "run", str(spec), "--no-progress"], env=env, check=True,
+                       capture_output=True)
+        finals.append({p.name: p.read_bytes() for p in (tmp_path / "out" / "final").iterdir()})
+        import shutil
+
+        shutil.rmtree(tmp_path / "out")
+    assert finals[0].keys() == {"toy.safetensors", "spec.yaml"} and finals[0] == finals[1]

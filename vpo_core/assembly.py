@@ -143,7 +143,7 @@ class Parts:
 
 
 def make_accelerator(resolved: ResolvedSpec, output_dir: Path) -> Any:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState, PartialState
 
     spec = resolved.spec
@@ -156,8 +156,10 @@ def make_accelerator(resolved: ResolvedSpec, output_dir: Path) -> Any:
     # Under torchrun / `accelerate launch` on a machine without GPUs, accelerate only goes multi-process (gloo)
     # when told that the run is on the CPU.
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # DDP must tolerate weights a step does not use: Wan 2.2's two experts each see only some timesteps.
+    unused = DistributedDataParallelKwargs(find_unused_parameters=True)
     return Accelerator(mixed_precision=spec.train.mixed_precision, log_with=resolved.trackers or None,
-                       project_dir=str(output_dir), cpu=cpu)
+                       project_dir=str(output_dir), cpu=cpu, kwargs_handlers=[unused])
 
 
 def build_parts(resolved: ResolvedSpec, accelerator: Any, output_dir: Path) -> Parts:
