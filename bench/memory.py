@@ -28,7 +28,9 @@ to serve every allocation >= 64 KiB by mmap so that freed tensors leave the RSS 
 Measured on 2 shared CPU cores (defaults; MiB above set-up): OnlineVPO 78.9 / 161.4 vs VADER (frames=all)
 205.9 / 737.6 at 9x64x64 / 17x96x96 (ratios 0.38 / 0.22); OnlineVPO at 50 vs 10 steps: 1.001x. With
 ``--vader-frames one_random`` VADER needs 82.4 / 147.8 (ratios 0.96 / 1.09): then OnlineVPO's peak is its
-sampling batch (N candidates x 2 for CFG; lower the policy's micro_batch_size to cut it).
+sampling batch (N candidates x 2 for CFG; lower the policy's micro_batch_size to cut it). ``--policy videocrafter2``
+(16 frames, CFG 12): OnlineVPO 222.1 / 686.9 vs VADER 322.2 / 1066.7 at 16x64x64 / 16x128x128 (ratios 0.69 /
+0.64; 50 vs 10 steps 1.013x); with ``--vader-frames one_random`` VADER needs 160.3 / 387.0 (ratios 1.39 / 1.77).
 
 The CUDA line above approximates CogVideoX-2B's transformer (30 layers, 30 heads x 64) with a random model;
 point ``--model THUDM/CogVideoX-2b`` at the real weights to measure those instead. For Open-Sora, ``--model DIR``

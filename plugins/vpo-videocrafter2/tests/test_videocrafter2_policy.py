@@ -228,6 +228,7 @@ def test_rows_are_reproducible_from_their_seeds_in_any_batch(policy):
 def test_gradient_window_reaches_only_the_lora_weights_in_the_last_steps(policy):
     calls = []
     hook = policy.unet.register_forward_hook(lambda module, args, out: calls.append(torch.is_grad_enabled()))
+    policy.train(True)  # as in the loop: sampled in eval mode, back-propagated in train mode (dropout 0.1)
     try:
         rollout = policy.sample(PROMPTS[:1], [3], gradient=GradientWindow(last_steps=2, checkpointing=True))
     finally:
@@ -243,6 +244,7 @@ def test_gradient_window_reaches_only_the_lora_weights_in_the_last_steps(policy)
     assert all(p.grad is None for p in policy.vae.parameters())
     for p in policy.trainable_parameters():
         p.grad = None
+    policy.train(False)
     window = GradientWindow(last_steps=3, random_cutoff=True)
     drawn = [policy._window_steps(window, [seed, seed + 1]) for seed in range(20)]
     assert set(drawn) == {1, 2, 3} and drawn == [policy._window_steps(window, [s, s + 1]) for s in range(20)]
