@@ -7,6 +7,7 @@ from vpo_core import BuildContext, VpoError
 import vpo_toyworld
 from vpo_toyworld import plugin, world
 from vpo_toyworld.reward import ToyWorldReward, ToyWorldRewardConfig
+from vpo_toyworld.testing import corrupted_variants
 
 PROMPT = "a red circle moving left on a dark blue background"
 
@@ -46,24 +47,6 @@ def test_unparseable_prompt_is_a_clear_error(bad):
 
 
 # ------------------------------------------------------------------------------------------ reward
-def _variants(attributes: world.Attributes, seed: int) -> dict[str, torch.Tensor]:
-    """Ground truth and corrupted versions of one clip, all to be scored against the ground-truth prompt."""
-    clip = world.render(attributes, seed)
-    other_color = next(c for c in world.SHAPE_COLORS if c != attributes.color)
-    other_background = next(b for b in world.BACKGROUND_COLORS if b != attributes.background)
-    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}[attributes.direction]
-    change = lambda **kw: world.render(world.Attributes(**{**attributes.__dict__, **kw}), seed)  # noqa: E731
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        "truth": clip,
-        "shuffled": clip[torch.tensor([4, 0, 8, 2, 6, 1, 7, 3, 5])],
-        "wrong_color": change(color=other_color),
-        "wrong_background": change(background=other_background),
-        "wrong_direction": change(direction=opposite),
-        "flickering": (clip + 0.1 * torch.randn(9, 1, 1, 1, generator=generator)).clamp(0, 1),  # brightness
-    }
-
-
 # Which dimensions each corruption must lower.
 EXPECTED_DROPS = {
     "shuffled": ("direction", "overall"),
@@ -78,7 +61,7 @@ def test_ground_truth_beats_corrupted_videos():
     reward = ToyWorldReward()
     cases = [world.parse_prompt(p) for p in world.train_prompts()[::15]] + [world.parse_prompt(PROMPT)]
     for seed, attributes in enumerate(cases):
-        videos = _variants(attributes, seed)
+        videos = corrupted_variants(attributes, seed)
         names = list(videos)
         scores = reward.score(torch.stack([videos[n] for n in names]), [attributes.prompt] * len(names))
         assert set(scores) == set(reward.dimensions)
