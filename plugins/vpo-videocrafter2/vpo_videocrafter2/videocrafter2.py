@@ -271,6 +271,8 @@ class VideoCrafter2Policy:
     def transition(self, trajectory: Trajectory, rows: list[int], steps: list[int]) -> Transition:
         """Transition ``steps[k]`` of row ``rows[k]`` recomputed under the current weights (the reference inside
         ``use_reference()``): one batched UNet call (x2 with CFG) at each row's own timestep."""
+        if len(rows) != len(steps):
+            raise VpoError(f"transition() got {len(rows)} rows but {len(steps)} steps; give one step per row.")
         index = torch.as_tensor(steps)
         x = trajectory.latents[rows, index].to(self.device)
         t = trajectory.extras["timesteps"][index].to(self.device)
