@@ -35,7 +35,7 @@ from .assembly import Parts, build_parts, call, check_pairs, check_rows, make_ac
 from .data import PairDataset, derive_seed, ordered_indices, pairs_to_batch
 from .errors import RunError, SpecError
 from .spec import ResolvedSpec
-from .types import Batch, Pair, PairBatch, PromptBatch, StepContext
+from .types import Batch, Pair, PairBatch, PromptBatch, StepContext, TrajectoryBatch
 
 METRICS, EVALS, CHANGES = "metrics.jsonl", "eval.jsonl", "spec_changes.jsonl"
 # Spec fields that may change on --resume (docs/spec.md); any other difference needs --allow-spec-change.
@@ -169,8 +169,9 @@ class Trainer:
             raise SpecError("the policy has no trainable parameters; check its LoRA / fine-tuning settings", "policy")
         optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=tuple(t.adam_betas), eps=t.adam_epsilon,
                                       weight_decay=t.weight_decay)
+        self.updates = self.r.objective.config.updates_per_batch()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.lr_scheduler, t.warmup_steps,
-                                                                                t.steps))
+                                                                                t.steps * self.updates))
         self.optimizer = acc.prepare_optimizer(optimizer)
         self.params = params
         if self.r.trackers and self.main:
@@ -219,6 +220,31 @@ class Trainer:
             batch.seeds = noise_seeds
         return batch, len(pairs)
 
+    def _trajectories(self, step: int, micro: int, metrics: dict) -> tuple[Batch, int] | None:
+        t, seed = self.spec.train, self.spec.seed
+        p, g = t.prompts_per_step, t.candidates_per_prompt
+        first = ((step - 1) * t.gradient_accumulation_steps + micro) * p
+        mine = self._share(p)
+        prompts = [self.parts.train_prompts[i] for i in
+                   ordered_indices(len(self.parts.train_prompts), seed, first + mine.start, len(mine))]
+        rows = [pr for pr in prompts for _ in range(g)]
+        seeds = [derive_seed(seed, "sample", first + i, j) for i in mine for j in range(g)]
+        self.policy.train(False)
+        with torch.no_grad():
+            traj = call(self.r.policy, "sample_trajectory()", self.policy.sample_trajectory, rows, seeds,
+                        self.parts.objective.trajectory_settings())
+            check_rows(self.r.policy, "sample_trajectory() latents", traj.latents, len(rows))
+            check_rows(self.r.policy, "sample_trajectory() frames", traj.frames, len(rows))
+            scores = self.parts.rewards.score(traj.frames, rows)
+        self.policy.train(True)
+        grid = {k: self._gather(v.reshape(len(mine), g)) for k, v in scores.items()}  # every process: [P, G]
+        for key, value in grid.items():
+            metrics[f"reward/{key}"] = value.float().mean().item()
+        if not all(torch.isfinite(v).all() for v in grid.values()):
+            return None
+        groups = [i for i in mine for _ in range(g)]
+        return TrajectoryBatch(traj, rows, scores, groups, grid), len(rows)
+
     def _offline(self, step: int, micro: int, metrics: dict) -> tuple[Batch, int]:
         t = self.spec.train
         first = ((step - 1) * t.gradient_accumulation_steps + micro) * t.pairs_per_step
@@ -244,7 +270,8 @@ class Trainer:
         metrics: dict[str, Any] = {"lr": self.optimizer.optimizer.param_groups[0]["lr"]}  # the rate this step uses
         torch.manual_seed(derive_seed(seed, "torch", step, self.rank))  # dropout etc. independent of history
         self.optimizer.zero_grad(set_to_none=True)
-        collect = {"rollout": self._rollout, "offline pairs": self._offline, "online pairs": self._online}[self.r.mode]
+        collect = {"rollout": self._rollout, "offline pairs": self._offline, "online pairs": self._online,
+                   "trajectories": self._trajectories}[self.r.mode]
         batches, total, reason = [], 0, None
         for micro in range(t.gradient_accumulation_steps):
             got = collect(step, micro, metrics)
@@ -257,13 +284,19 @@ class Trainer:
                 batches.append((micro, batch))
         if reason is None and total == 0:
             reason = "no_pairs"
-        if reason is None:
-            reason = self._learn(step, batches, total, metrics)
-        if reason is None:
+        for update in range(self.updates if reason is None else 0):  # GRPO's inner epochs: several updates
+            todo = [(micro, call(self.r.objective, "expand()", self.parts.objective.expand, batch,
+                                 self._context(step, micro, update))) for micro, batch in batches]
+            if self.r.mode == "trajectories":  # expand() chose the transitions: count them over every process
+                total = int(self._sum(float(sum(len(b) for _, b in todo))))
+            reason = self._learn(step, todo, total, metrics, update)
+            if reason is not None:
+                break
             if t.max_grad_norm:
                 metrics["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.params, t.max_grad_norm))
             self.optimizer.step()
             self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
             metrics.update({f"objective/{k}": v for k, v in
                             call(self.r.objective, "after_optimizer_step()", self.parts.objective.after_optimizer_step,
                                  step, self.policy).items()})
@@ -273,17 +306,26 @@ class Trainer:
             metrics["skip_reason"] = reason
         return metrics
 
-    def _learn(self, step: int, batches: list[tuple[int, Batch]], total: int, metrics: dict) -> str | None:
+    def _context(self, step: int, micro: int, update: int = 0) -> StepContext:
+        gen = torch.Generator().manual_seed(derive_seed(self.spec.seed, "step", step, micro, update))
+        return StepContext(step=step, generator=gen, score=self.parts.rewards.score, update=update)
+
+    def _sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        return float(self.accelerator.reduce(torch.tensor([value], device=self.accelerator.device), "sum").item())
+
+    def _learn(self, step: int, batches: list[tuple[int, Batch]], total: int, metrics: dict,
+               update: int = 0) -> str | None:
         size = self.spec.train.pair_batch_size
-        chunks = [(micro, b.rows(s) if size else b) for micro, b in batches
+        chunks = [(micro, b.take(s) if size else b) for micro, b in batches
                   for s in (_slices(len(b), size) if size else [None])]
         wrapped = self.policy.trainable.forward_module if self.world > 1 else None
         sums: dict[str, float] = {}
         loss_sum, bad = 0.0, False
         for i, (micro, chunk) in enumerate(chunks):
             rows = len(chunk) if not (isinstance(chunk, PairBatch) and float(chunk.weights.sum()) == 0) else 0
-            gen = torch.Generator().manual_seed(derive_seed(self.spec.seed, "step", step, micro))
-            ctx = StepContext(step=step, generator=gen, score=self.parts.rewards.score)
+            ctx = self._context(step, micro, update)
             sync = wrapped is None or i == len(chunks) - 1
             with (contextlib.nullcontext() if sync else _no_sync(self.accelerator, wrapped)):
                 with self.accelerator.autocast():
@@ -389,7 +431,7 @@ class Trainer:
         if self.allow_spec_change:  # the new spec's optimizer settings apply for real, learning rate included
             t = self.spec.train
             self.scheduler.base_lrs = [t.learning_rate for _ in self.scheduler.base_lrs]
-            self.scheduler.lr_lambdas = [lr_lambda(t.lr_scheduler, t.warmup_steps, t.steps)]
+            self.scheduler.lr_lambdas = [lr_lambda(t.lr_scheduler, t.warmup_steps, t.steps * self.updates)]
             for group in self.optimizer.optimizer.param_groups:
                 group.update(lr=t.learning_rate * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch),
                              betas=tuple(t.adam_betas), eps=t.adam_epsilon, weight_decay=t.weight_decay)

@@ -21,9 +21,10 @@ from torch import nn
 from .adapters import TrainableModule
 from .dpo import dpo_pair_loss
 from .hookspecs import hookimpl
-from .sampling import randn_rows, row_generators
+from .sampling import ddim_step, gaussian_log_prob, randn_rows, row_generators, stochastic_step
 from .types import (BuildContext, GradientWindow, Objective, ObjectiveConfig, ObjectiveOutput, Pair, PairBatch,
-                    PolicyConfig, PromptBatch, RewardConfig, Rollout, SelectorConfig, StepContext)
+                    PolicyConfig, PromptBatch, RewardConfig, Rollout, SelectorConfig, StepContext, Trajectory,
+                    TrajectorySettings, Transition)
 
 
 # A complete spec over the toy parts (``{out}`` is the output directory), used by the core's tests.
@@ -57,6 +58,7 @@ logging:
 
 
 class ToyPolicyConfig(PolicyConfig):
+    capabilities: ClassVar[frozenset[str]] = frozenset({"trajectories"})
     frames: int = 4
     size: int = 8
     hidden: int = 32
@@ -128,6 +130,47 @@ class ToyPolicy:
         frames = self.decode(x) if decode and gradient is None else None
         return Rollout(latents=x if gradient is not None else x.detach(), prompts=list(prompts),
                        seeds=list(seeds), frames=frames)
+
+    # -- trajectories (GRPO): DDIM with eta, the DDPO transition
+    def _schedule(self) -> list[int]:
+        return torch.linspace(self.config.train_timesteps - 1, 0, self.config.steps).long().tolist()
+
+    def _distribution(self, x, steps: torch.Tensor, prompts, eta: float):
+        ts = torch.tensor(self._schedule() + [-1], device=self.device)
+        t, t_prev = ts[steps], ts[steps + 1]
+        a = self.alphas_cumprod[t]
+        a_prev = torch.where(t_prev >= 0, self.alphas_cumprod[t_prev.clamp(min=0)], torch.ones_like(a))
+        eps = self._eps(x, t, prompts)
+        shape = (-1, *[1] * (x.dim() - 1))
+        x0 = (x - (1 - a).view(shape).sqrt() * eps) / a.view(shape).sqrt()
+        return ddim_step(x, x0, eps, a, a_prev, eta)
+
+    def sample_trajectory(self, prompts, seeds, settings: TrajectorySettings, *, decode=True) -> Trajectory:
+        generators = row_generators(seeds)
+        x = randn_rows(self._shape(1)[1:], generators, self.device)
+        count = len(self._schedule())
+        start, end = settings.window or (0, count)
+        chain, stochastic = [x], []
+        log_probs = torch.full((len(seeds), count), float("nan"))
+        with torch.no_grad():
+            for i in range(count):
+                eta = settings.noise_level if start <= i < end else 0.0
+                mean, std = self._distribution(x, torch.full((len(seeds),), i), prompts, eta)
+                if eta > 0 and bool((std > 0).all()):  # the last step into alpha = 1 has std 0: deterministic
+                    x, log_probs[:, i] = stochastic_step(mean, std, generators)
+                    stochastic.append(i)
+                else:
+                    x = mean
+                chain.append(x)
+        latents = torch.stack(chain, dim=1)
+        return Trajectory(latents, log_probs, stochastic, list(prompts), list(seeds), settings,
+                          self.decode(x) if decode else None)
+
+    def transition(self, trajectory: Trajectory, rows: list[int], steps: list[int]) -> Transition:
+        row, step = torch.tensor(rows), torch.tensor(steps)
+        mean, std = self._distribution(trajectory.latents[row, step], step, [trajectory.prompts[r] for r in rows],
+                                       trajectory.settings.noise_level)
+        return Transition(gaussian_log_prob(trajectory.latents[row, step + 1], mean, std), mean, std)
 
     def decode(self, latents, frame_indices=None):
         if frame_indices is not None:

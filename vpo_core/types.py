@@ -62,6 +62,10 @@ class ObjectiveConfig(PartConfig):
     def score_keys(self) -> list[str]:
         return []
 
+    def updates_per_batch(self) -> int:
+        """Optimizer updates made from each collected batch (GRPO's inner epochs; 1 elsewhere)."""
+        return 1
+
 
 class LoraSpec(BaseModel):
     """``lora:`` section of a policy config; plugins subclass it to set their default ``target_modules``."""
@@ -227,7 +231,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self.prompts)  # type: ignore[attr-defined]
 
-    def rows(self, index: slice) -> "Batch":
+    def take(self, index: slice) -> "Batch":
         return replace(self, **{k: v[index] for k, v in vars(self).items() if v is not None})
 
 
@@ -252,6 +256,35 @@ class PromptBatch(Batch):
     seeds: list[int]
 
 
+@dataclass
+class TrajectoryBatch(Batch):
+    """G recorded chains per prompt (this process's rows, prompt-major) with their scores; ``groups[i]`` is row
+    i's prompt index among the micro-step's prompts, and ``step_scores`` holds every process's scores ``[P, G]``
+    (for statistics over the whole step). ``Objective.expand`` turns it into the transitions to train on."""
+
+    trajectory: Trajectory
+    prompts: list[str]
+    scores: dict[str, torch.Tensor]
+    groups: list[int]
+    step_scores: dict[str, torch.Tensor]
+
+
+@dataclass
+class TransitionBatch(Batch):
+    """Transitions ``(rows[k], steps[k])`` of one recorded trajectory with a per-transition advantage."""
+
+    trajectory: Trajectory
+    rows: list[int]
+    steps: list[int]
+    advantages: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, index: slice) -> "TransitionBatch":
+        return replace(self, rows=self.rows[index], steps=self.steps[index], advantages=self.advantages[index])
+
+
 ScoreFn = Callable[["torch.Tensor", list[str]], dict[str, "torch.Tensor"]]
 
 
@@ -264,6 +297,7 @@ class StepContext:
     step: int
     generator: torch.Generator
     score: ScoreFn
+    update: int = 0  # which of ObjectiveConfig.updates_per_batch() updates this is
 
 
 @dataclass
@@ -293,6 +327,15 @@ class Objective:
     def open_pair_dataset(self, path: str, format: str, policy: Policy) -> Any:
         """A reader for pair layouts other than vpo's own (``data.pairs_format``); None: not understood."""
         return None
+
+    def trajectory_settings(self) -> TrajectorySettings:
+        """How the loop samples for an objective that requires trajectories."""
+        return TrajectorySettings()
+
+    def expand(self, batch: Any, ctx: StepContext) -> Any:
+        """The rows to train on, made from a collected batch before it is split into chunks (GRPO: the
+        transitions of each trajectory with their advantages). Default: the batch itself."""
+        return batch
 
 
 Kind = Literal["policy", "reward", "selector", "objective"]
