@@ -202,7 +202,7 @@ class Trainer:
             check_rows(self.r.policy, "sample() frames", rollout.frames, len(rows))
             scores = self.parts.rewards.score(rollout.frames, rows)
         self.policy.train(True)
-        grid = {k: self._gather(v.reshape(len(mine), n)) for k, v in scores.items()}  # every process: [P, N]
+        grid = self._gather_grid(scores, len(mine), n)  # every process: {key: [P, N]}
         for key, value in grid.items():
             metrics[f"reward/{key}"] = value.float().mean().item()
         if not all(torch.isfinite(v).all() for v in grid.values()):
@@ -237,7 +237,7 @@ class Trainer:
             check_rows(self.r.policy, "sample_trajectory() frames", traj.frames, len(rows))
             scores = self.parts.rewards.score(traj.frames, rows)
         self.policy.train(True)
-        grid = {k: self._gather(v.reshape(len(mine), g)) for k, v in scores.items()}  # every process: [P, G]
+        grid = self._gather_grid(scores, len(mine), g)  # every process: {key: [P, G]}
         for key, value in grid.items():
             metrics[f"reward/{key}"] = value.float().mean().item()
         if not all(torch.isfinite(v).all() for v in grid.values()):
@@ -290,10 +290,15 @@ class Trainer:
             if self.r.mode == "trajectories":  # expand() chose the transitions: count them over every process
                 total = int(self._sum(float(sum(len(b) for _, b in todo))))
             reason = self._learn(step, todo, total, metrics, update)
+            # The gradients' norm (the same on every process once they are synchronised) also tells whether any
+            # is non-finite; clipping with an infinite bound only measures.
+            norm = self.accelerator.clip_grad_norm_(self.params, t.max_grad_norm or math.inf) \
+                if reason is None else None
+            if norm is not None and not math.isfinite(float(norm)):
+                reason = "nonfinite"
             if reason is not None:
                 break
-            if t.max_grad_norm:
-                metrics["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.params, t.max_grad_norm))
+            metrics["grad_norm"] = float(norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -339,9 +344,8 @@ class Trainer:
                                                  out.scores.items())]:
                 key = k if k.startswith("reward/") else f"objective/{k}"
                 sums[key] = sums.get(key, 0.0) + float(v) * rows
-        grads_bad = any(q.grad is not None and not torch.isfinite(q.grad).all() for q in self.params)
         keys = sorted(sums)
-        totals = torch.tensor([float(bad or grads_bad), loss_sum, *(sums[k] for k in keys)], dtype=torch.float64)
+        totals = torch.tensor([float(bad), loss_sum, *(sums[k] for k in keys)], dtype=torch.float64)
         if self.world > 1:  # one small all-reduce: the skip decision and the step's metrics, over every process
             totals = self.accelerator.reduce(totals.to(self.accelerator.device), "sum").cpu()
         metrics.update({k: float(v) / total for k, v in zip(keys, totals[2:])})
@@ -350,8 +354,13 @@ class Trainer:
         metrics["loss"] = float(totals[1]) / total
         return None
 
-    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.gather(tensor.contiguous()) if self.world > 1 else tensor
+    def _gather_grid(self, scores: dict, prompts: int, candidates: int) -> dict:
+        """This process's scores -> every process's, as {key: [P, N]} (one all-gather for all keys)."""
+        keys = list(scores)
+        stacked = torch.stack([scores[k].reshape(prompts, candidates) for k in keys], dim=1)  # [p, K, N]
+        if self.world > 1:
+            stacked = self.accelerator.gather(stacked.contiguous())
+        return {k: stacked[:, i] for i, k in enumerate(keys)}
 
     # ------------------------------------------------------------------------------------------ eval
     def evaluate(self, step: int, final: bool = False) -> dict[str, float]:
