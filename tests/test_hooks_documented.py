@@ -1,12 +1,16 @@
-"""Every hook has documentation and at least one test (datasette's rule)."""
+"""Every hook has documentation whose signature matches the hook specification, and at least one test
+(datasette's rule)."""
 
+import re
 from pathlib import Path
 
 import pytest
 
 from vpo_core import hookspecs
+from vpo_core.plugins import PluginManager
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCS = (ROOT / "docs" / "hooks.md").read_text()
 HOOKS = sorted(name for name in dir(hookspecs) if name.startswith("vpo_register_"))
 
 
@@ -15,9 +19,13 @@ def test_hooks_found():
 
 
 @pytest.mark.parametrize("hook", HOOKS)
-def test_hook_is_documented(hook):
-    docs = (ROOT / "docs" / "hooks.md").read_text()
-    assert f"## {hook}\n" in docs, f"add a '## {hook}' section to docs/hooks.md"
+def test_hook_is_documented_with_its_signature(hook):
+    assert f"## {hook}\n" in DOCS, f"add a '## {hook}' section to docs/hooks.md"
+    section = DOCS.split(f"## {hook}\n")[1].split("\n## ")[0]
+    documented = re.search(rf"`{hook}\(([^)]*)\)`", section)
+    assert documented, f"docs/hooks.md: the {hook} section must show `{hook}(...)`"
+    caller = getattr(PluginManager(load_entrypoints=False)._pm.hook, hook)
+    assert [a.strip() for a in documented.group(1).split(",")] == list(caller.spec.argnames)
 
 
 @pytest.mark.parametrize("hook", HOOKS)
