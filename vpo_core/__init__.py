@@ -9,7 +9,7 @@ from .errors import RunError, SpecError, VpoError
 from .hookspecs import hookimpl
 from .types import (BuildContext, GradientWindow, LoraSpec, Objective, ObjectiveConfig, ObjectiveOutput, Pair,
                     PairBatch, PairSelector, PartConfig, Policy, PolicyConfig, PromptBatch, Reward, RewardConfig,
-                    Rollout, SelectorConfig, StepContext, Trajectory, TrajectoryBatch, TrajectorySettings, Transition,
+                    Rollout, SelectorConfig, StepContext, TrainablePolicy, Trajectory, TrajectoryBatch, TrajectorySettings, Transition,
                     TransitionBatch, iter_chunks)
 
 __version__ = "0.1.0"
@@ -32,5 +32,5 @@ def __getattr__(name: str):
 
 __all__ = sorted(["RunError", "SpecError", "VpoError", "hookimpl", "BuildContext", "GradientWindow", "LoraSpec",
                   "Objective", "ObjectiveConfig", "ObjectiveOutput", "Pair", "PairBatch", "PairSelector", "PartConfig", "Policy",
-                  "PolicyConfig", "PromptBatch", "Reward", "RewardConfig", "Rollout", "SelectorConfig", "StepContext", "Trajectory", "TrajectoryBatch", "TransitionBatch",
+                  "PolicyConfig", "PromptBatch", "Reward", "RewardConfig", "Rollout", "SelectorConfig", "StepContext", "TrainablePolicy", "Trajectory", "TrajectoryBatch", "TransitionBatch",
                   "TrajectorySettings", "Transition", "iter_chunks", *_LAZY])

@@ -37,6 +37,7 @@ from .types import (
     LoraSpec,
     PolicyConfig,
     Rollout,
+    TrainablePolicy,
     Trajectory,
     TrajectorySettings,
     Transition,
@@ -199,7 +200,7 @@ def _experts(modules: dict):
     return Experts(modules)
 
 
-class DiffusersVideoPolicy:
+class DiffusersVideoPolicy(TrainablePolicy):
     """Base of the diffusers text-to-video policies (see the module docstring for what a subclass provides)."""
 
     kind: ClassVar[str] = "diffusers"  # the policy's name in messages
@@ -257,13 +258,6 @@ class DiffusersVideoPolicy:
         for module in filter(None, modules):
             module.to(self.device)
         return self
-
-    def train(self, mode: bool = True) -> "DiffusersVideoPolicy":
-        self.trainable.module.train(mode)
-        return self
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return self.trainable.parameters()
 
     # ------------------------------------------------------------------------------------------- text
     def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -454,25 +448,7 @@ class DiffusersVideoPolicy:
         return Transition(log_prob=gaussian_log_prob(target, mean, std), mean=mean, std=std)
 
     # ------------------------------------------------------------------------------------------- reference
-    @property
-    def has_reference_adapter(self) -> bool:
-        return self.trainable.has_reference_adapter
-
-    def use_reference(self):
-        """Forward passes inside use the reference: base weights, the "reference" adapter, or the frozen copy."""
-        return self.trainable.use_reference()
-
-    def update_reference(self) -> None:
-        """Reference := current policy (one extra LoRA adapter, or the frozen copy with full fine-tuning)."""
-        self.trainable.update_reference()
-
     # ------------------------------------------------------------------------------------------- checkpoints
-    def state_dict_for_checkpoint(self) -> dict[str, torch.Tensor]:
-        return self.trainable.state_dict()
-
-    def load_state_dict_from_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
-        self.trainable.load_state_dict(state, f"{self.kind} policy")
-
     @staticmethod
     def lora_weight_name(name: str) -> str:
         return "pytorch_lora_weights.safetensors" if name == "transformer" else f"pytorch_lora_weights_{name}.safetensors"

@@ -23,7 +23,7 @@ from .dpo import dpo_pair_loss
 from .hookspecs import hookimpl
 from .sampling import ddim_step, gaussian_log_prob, randn_rows, row_generators, stochastic_step
 from .types import (BuildContext, GradientWindow, Objective, ObjectiveConfig, ObjectiveOutput, Pair, PairBatch,
-                    PolicyConfig, PromptBatch, RewardConfig, Rollout, SelectorConfig, StepContext, Trajectory,
+                    PolicyConfig, PromptBatch, RewardConfig, Rollout, SelectorConfig, StepContext, TrainablePolicy, Trajectory,
                     TrajectorySettings, Transition)
 
 
@@ -86,7 +86,7 @@ class ToyDenoiser(nn.Module):
         return self.out(h).movedim(-1, 2)
 
 
-class ToyPolicy:
+class ToyPolicy(TrainablePolicy):
     """Full fine-tuning of a per-pixel denoiser; the reference is the TrainableModule's frozen copy."""
 
     def __init__(self, config: ToyPolicyConfig, context: BuildContext) -> None:
@@ -108,9 +108,6 @@ class ToyPolicy:
         return (b, self.config.frames, 3, self.config.size, self.config.size)
 
     # -- protocol
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return self.trainable.parameters()
-
     def sample(self, prompts, seeds, *, decode=True, gradient: GradientWindow | None = None) -> Rollout:
         x = randn_rows(self._shape(1)[1:], row_generators(seeds), self.device)
         ts = torch.linspace(self.config.train_timesteps - 1, 0, self.config.steps).long().tolist()
@@ -192,24 +189,8 @@ class ToyPolicy:
         pred = self._eps(noisy, timesteps, prompts)
         return ((pred.float() - noise.float()) ** 2).mean(dim=tuple(range(1, latents.dim())))
 
-    def use_reference(self):
-        return self.trainable.use_reference()
-
-    def update_reference(self) -> None:
-        self.trainable.update_reference()
-
-    def state_dict_for_checkpoint(self):
-        return self.trainable.state_dict()
-
-    def load_state_dict_from_checkpoint(self, state):
-        self.trainable.load_state_dict(state, "toy policy")
-
     def save_pretrained(self, directory: Path) -> None:
         save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(Path(directory) / "toy.safetensors"))
-
-    def train(self, mode: bool = True):
-        self.net.train(mode)
-        return self
 
 
 class ToyRewardConfig(RewardConfig):

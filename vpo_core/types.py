@@ -199,6 +199,38 @@ class Policy(Protocol):
     #       with a graph when grad is enabled, or under the reference inside ``use_reference()``.
 
 
+class TrainablePolicy:
+    """Policy methods that only forward to ``self.trainable`` (a policy sets it in ``__init__``): the optimizer's
+    parameters, the reference, checkpoints, train mode."""
+
+    trainable: TrainableModule
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return self.trainable.parameters()
+
+    @property
+    def has_reference_adapter(self) -> bool:
+        return self.trainable.has_reference_adapter
+
+    def use_reference(self) -> contextlib.AbstractContextManager[None]:
+        """Forward passes inside use the reference: base weights, the "reference" adapter, or the frozen copy."""
+        return self.trainable.use_reference()
+
+    def update_reference(self) -> None:
+        """Reference := the current policy (one extra LoRA adapter, or the frozen copy with full fine-tuning)."""
+        self.trainable.update_reference()
+
+    def state_dict_for_checkpoint(self) -> dict[str, torch.Tensor]:
+        return self.trainable.state_dict()
+
+    def load_state_dict_from_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
+        self.trainable.load_state_dict(state, f"{type(self).__name__}")
+
+    def train(self, mode: bool = True) -> "TrainablePolicy":
+        self.trainable.module.train(mode)
+        return self
+
+
 # ----------------------------------------------------------------------------------------------- rewards
 @runtime_checkable
 class Reward(Protocol):

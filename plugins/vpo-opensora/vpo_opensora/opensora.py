@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from vpo_core import (BuildContext, GradientWindow, Rollout, Trajectory, TrajectorySettings, Transition, VpoError,
                       derive_seed, iter_chunks)
+from vpo_core import TrainablePolicy
 from vpo_core.adapters import TrainableModule
 from vpo_core.sampling import flow_sde_step, gaussian_log_prob, randn_rows, row_generators, stochastic_step
 
@@ -42,7 +43,7 @@ def build(config: OpenSoraConfig, context: BuildContext) -> "OpenSoraPolicy":
     return OpenSoraPolicy(config, context)
 
 
-class OpenSoraPolicy:
+class OpenSoraPolicy(TrainablePolicy):
     """LoRA (or full) fine-tuning of STDiT3; the VAE and T5 stay frozen."""
 
     def __init__(self, config: OpenSoraConfig, context: BuildContext):
@@ -101,13 +102,6 @@ class OpenSoraPolicy:
             if module is not None:
                 module.to(self.device)
         return self
-
-    def train(self, mode: bool = True) -> "OpenSoraPolicy":
-        self.transformer.train(mode)
-        return self
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return self.trainable.parameters()
 
     # ------------------------------------------------------------------------------------------- text
     @torch.no_grad()
@@ -353,25 +347,7 @@ class OpenSoraPolicy:
         return (prediction - (x0 - noise)).pow(2).flatten(1).mean(dim=1)
 
     # ------------------------------------------------------------------------------------------- reference
-    @property
-    def has_reference_adapter(self) -> bool:
-        return self.trainable.has_reference_adapter
-
-    def use_reference(self):
-        """Forward passes inside use the reference: base weights, the "reference" adapter, or the frozen copy."""
-        return self.trainable.use_reference()
-
-    def update_reference(self) -> None:
-        """Reference := current policy (one extra LoRA adapter, or the frozen copy with full fine-tuning)."""
-        self.trainable.update_reference()
-
     # ------------------------------------------------------------------------------------------- checkpoints
-    def state_dict_for_checkpoint(self) -> dict[str, torch.Tensor]:
-        return self.trainable.state_dict()
-
-    def load_state_dict_from_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
-        self.trainable.load_state_dict(state, "opensora policy")
-
     def load_adapter(self, directory: str | Path) -> None:
         """Load a LoRA adapter written by ``save_pretrained`` (same rank, alpha and targets as ``lora:``) into the
         learner, e.g. to sample with a tuned policy."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from vpo_core import BuildContext, GradientWindow, Rollout, VpoError, iter_chunks
+from vpo_core import TrainablePolicy
 from vpo_core.adapters import TrainableModule
 from vpo_core.sampling import ddim_step, gaussian_log_prob, randn_rows, row_generators, stochastic_step
 from vpo_core.types import Trajectory, TrajectorySettings, Transition
@@ -71,7 +72,7 @@ def _per_row(values: torch.Tensor) -> torch.Tensor:
     return values.view(-1, 1, 1, 1, 1)  # [B] against latents [B, F, C, H, W]
 
 
-class VideoCrafter2Policy:
+class VideoCrafter2Policy(TrainablePolicy):
     """LoRA (or full) fine-tuning of VideoCrafter2's UNet; the VAE and the text encoder stay frozen."""
 
     def __init__(self, config: VideoCrafter2Config, context: BuildContext):
@@ -122,13 +123,6 @@ class VideoCrafter2Policy:
                 module.to(self.device)
         self.schedule.to(self.device)
         return self
-
-    def train(self, mode: bool = True) -> "VideoCrafter2Policy":
-        self.unet.train(mode)
-        return self
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return self.trainable.parameters()
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -327,20 +321,7 @@ class VideoCrafter2Policy:
         return (prediction - noise).pow(2).flatten(1).mean(dim=1)
 
     # ------------------------------------------------------------------------------------------- reference
-    def use_reference(self):
-        """Forward passes inside use the reference: base weights, the "reference" adapter, or the frozen copy."""
-        return self.trainable.use_reference()
-
-    def update_reference(self) -> None:
-        self.trainable.update_reference()
-
     # ------------------------------------------------------------------------------------------- checkpoints
-    def state_dict_for_checkpoint(self) -> dict[str, torch.Tensor]:
-        return self.trainable.state_dict()
-
-    def load_state_dict_from_checkpoint(self, state: dict[str, torch.Tensor]) -> None:
-        self.trainable.load_state_dict(state, "videocrafter2 policy")
-
     def save_pretrained(self, directory: Path) -> None:
         """LoRA: ``adapter_model.safetensors`` + ``adapter_config.json`` (peft, on our ``LVDMUNet``). Full
         fine-tuning: ``unet.safetensors`` with VideoCrafter's own names (``model.diffusion_model.*``), the entries
