@@ -6,7 +6,7 @@ modules that need torch load on first use.
 """
 
 from .errors import RunError, SpecError, VpoError
-from .hookspecs import hookimpl
+from .hookspecs import hookimpl, lazy
 from .types import (BuildContext, GradientWindow, LoraSpec, Objective, ObjectiveConfig, ObjectiveOutput, Pair,
                     PairBatch, PairSelector, PartConfig, Policy, PolicyConfig, PromptBatch, Reward, RewardConfig,
                     Rollout, SelectorConfig, StepContext, TrainablePolicy, Trajectory, TrajectoryBatch, TrajectorySettings, Transition,
@@ -30,7 +30,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'vpo_core' has no attribute {name!r}")
 
 
-__all__ = sorted(["RunError", "SpecError", "VpoError", "hookimpl", "BuildContext", "GradientWindow", "LoraSpec",
+__all__ = sorted(["RunError", "SpecError", "VpoError", "hookimpl", "lazy", "BuildContext", "GradientWindow", "LoraSpec",
                   "Objective", "ObjectiveConfig", "ObjectiveOutput", "Pair", "PairBatch", "PairSelector", "PartConfig", "Policy",
                   "PolicyConfig", "PromptBatch", "Reward", "RewardConfig", "Rollout", "SelectorConfig", "StepContext", "TrainablePolicy", "Trajectory", "TrajectoryBatch", "TransitionBatch",
                   "TrajectorySettings", "Transition", "iter_chunks", *_LAZY])

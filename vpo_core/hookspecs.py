@@ -15,6 +15,19 @@ hookspec = pluggy.HookspecMarker("vpo")
 hookimpl = pluggy.HookimplMarker("vpo")
 
 
+def lazy(target: str) -> Callable[..., Any]:
+    """``"package.module:name"`` -> a callable that imports it on first use: a plugin registers factories and
+    command functions without importing its model code (and torch) when vpo starts."""
+    module, _, name = target.partition(":")
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+    call.__name__ = call.__qualname__ = f"lazy({target!r})"
+    return call
+
+
 class Register(Protocol):
     """``register(name, factory, config_model)``: ``factory(config, context) -> part``; ``config_model`` subclasses
     the kind's base (``PolicyConfig``, ``RewardConfig``, ``SelectorConfig``, ``ObjectiveConfig``)."""

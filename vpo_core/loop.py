@@ -186,32 +186,46 @@ class Trainer:
         n = rows // self.world
         return range(self.rank * n, (self.rank + 1) * n)
 
-    def _online(self, step: int, micro: int, metrics: dict) -> tuple[Batch | None, int] | None:
-        t, seed = self.spec.train, self.spec.seed
-        p, n = t.prompts_per_step, t.candidates_per_prompt
-        first = ((step - 1) * t.gradient_accumulation_steps + micro) * p  # stream position of the first prompt
-        mine = self._share(p)
+    def _sampled(self, step: int, micro: int, metrics: dict, trajectories: bool):
+        """This process's share of the micro-step's prompts, N candidates (or G chains) each, sampled by the
+        current policy and scored; the scores of every process are gathered: (share, first, prompts, sampled,
+        local scores, {key: [P, N]}), or None when a score is not finite."""
+        t, seed, n = self.spec.train, self.spec.seed, self.spec.train.candidates_per_prompt
+        first = ((step - 1) * t.gradient_accumulation_steps + micro) * t.prompts_per_step  # stream position
+        mine = self._share(t.prompts_per_step)
         prompts = [self.parts.train_prompts[i] for i in
                    ordered_indices(len(self.parts.train_prompts), seed, first + mine.start, len(mine))]
         rows = [pr for pr in prompts for _ in range(n)]
         seeds = [derive_seed(seed, "sample", first + g, j) for g in mine for j in range(n)]
+        name = "sample_trajectory()" if trajectories else "sample()"
         self.policy.train(False)
         with torch.no_grad():
-            rollout = call(self.r.policy, "sample()", self.policy.sample, rows, seeds)
-            check_rows(self.r.policy, "sample() latents", rollout.latents, len(rows))
-            check_rows(self.r.policy, "sample() frames", rollout.frames, len(rows))
-            scores = self.parts.rewards.score(rollout.frames, rows)
+            if trajectories:
+                out = call(self.r.policy, name, self.policy.sample_trajectory, rows, seeds,
+                           self.parts.objective.trajectory_settings())
+            else:
+                out = call(self.r.policy, name, self.policy.sample, rows, seeds)
+            check_rows(self.r.policy, f"{name} latents", out.latents, len(rows))
+            scores = self.parts.rewards.score(check_rows(self.r.policy, f"{name} frames", out.frames, len(rows)), rows)
         self.policy.train(True)
-        grid = self._gather_grid(scores, len(mine), n)  # every process: {key: [P, N]}
+        grid = self._gather_grid(scores, len(mine), n)
         for key, value in grid.items():
             metrics[f"reward/{key}"] = value.float().mean().item()
         if not all(torch.isfinite(v).all() for v in grid.values()):
             return None
+        return mine, first, prompts, out, scores, grid
+
+    def _online(self, step: int, micro: int, metrics: dict) -> tuple[Batch | None, int] | None:
+        sampled = self._sampled(step, micro, metrics, trajectories=False)
+        if sampled is None:
+            return None
+        mine, first, prompts, rollout, _, grid = sampled
+        p, n = self.spec.train.prompts_per_step, self.spec.train.candidates_per_prompt
         pairs = check_pairs(self.r.selector, call(self.r.selector, "select()", self.parts.selector.select, grid), p, n)
         metrics["pairs"] = metrics.get("pairs", 0) + len(pairs)
         local = [Pair(q.prompt_index - mine.start, q.winner, q.loser, q.weight, q.margin)
                  for q in pairs if q.prompt_index in mine]
-        noise_seeds = [derive_seed(seed, "noise", first + mine.start + q.prompt_index, q.winner, q.loser)
+        noise_seeds = [derive_seed(self.spec.seed, "noise", first + mine.start + q.prompt_index, q.winner, q.loser)
                        for q in local]
         if not local and pairs:  # another process trains; this one still takes part in the gradient sync
             local, noise_seeds = [Pair(0, 0, 1, 0.0)], [0]
@@ -221,29 +235,13 @@ class Trainer:
         return batch, len(pairs)
 
     def _trajectories(self, step: int, micro: int, metrics: dict) -> tuple[Batch, int] | None:
-        t, seed = self.spec.train, self.spec.seed
-        p, g = t.prompts_per_step, t.candidates_per_prompt
-        first = ((step - 1) * t.gradient_accumulation_steps + micro) * p
-        mine = self._share(p)
-        prompts = [self.parts.train_prompts[i] for i in
-                   ordered_indices(len(self.parts.train_prompts), seed, first + mine.start, len(mine))]
-        rows = [pr for pr in prompts for _ in range(g)]
-        seeds = [derive_seed(seed, "sample", first + i, j) for i in mine for j in range(g)]
-        self.policy.train(False)
-        with torch.no_grad():
-            traj = call(self.r.policy, "sample_trajectory()", self.policy.sample_trajectory, rows, seeds,
-                        self.parts.objective.trajectory_settings())
-            check_rows(self.r.policy, "sample_trajectory() latents", traj.latents, len(rows))
-            check_rows(self.r.policy, "sample_trajectory() frames", traj.frames, len(rows))
-            scores = self.parts.rewards.score(traj.frames, rows)
-        self.policy.train(True)
-        grid = self._gather_grid(scores, len(mine), g)  # every process: {key: [P, G]}
-        for key, value in grid.items():
-            metrics[f"reward/{key}"] = value.float().mean().item()
-        if not all(torch.isfinite(v).all() for v in grid.values()):
+        sampled = self._sampled(step, micro, metrics, trajectories=True)
+        if sampled is None:
             return None
-        groups = [i for i in mine for _ in range(g)]
-        return TrajectoryBatch(traj, rows, scores, groups, grid), len(rows)
+        mine, _, prompts, trajectory, scores, grid = sampled
+        g = self.spec.train.candidates_per_prompt
+        return TrajectoryBatch(trajectory, [p for p in prompts for _ in range(g)], scores,
+                               [i for i in mine for _ in range(g)], grid), len(trajectory.seeds)
 
     def _offline(self, step: int, micro: int, metrics: dict) -> tuple[Batch, int]:
         t = self.spec.train

@@ -1,15 +1,11 @@
 """Hook implementations: the module the ``vpo`` entry point names. Keep it to ``register`` calls and import
-only the config model here: the reward's own module (and torch) loads when a run builds it."""
+only the config model here; ``lazy`` imports the reward's own module (and torch) when a run builds it."""
 
-from vpo_core import hookimpl
+from vpo_core import hookimpl, lazy
 
 from .config import VBenchLiteConfig
 
-
-def build_vbench_lite(config, context):
-    from .reward import VBenchLiteReward
-
-    return VBenchLiteReward(config, device=config.device or context.device)
+build_vbench_lite = lazy("vpo_vbench_lite.reward:build")
 
 
 @hookimpl

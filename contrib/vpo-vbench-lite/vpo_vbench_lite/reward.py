@@ -70,3 +70,8 @@ class VBenchLiteReward:
                 f"(motion_smoothness needs 3 frames, the other temporal dimensions 2). Decode more frames, or "
                 f"score single frames with `dimensions: [imaging_sharpness]`."
             )
+
+
+def build(config: VBenchLiteConfig, context: BuildContext) -> VBenchLiteReward:
+    """The factory the plugin registers: scores on ``config.device``, else the run's device."""
+    return VBenchLiteReward(config, device=config.device or context.device)

@@ -1,15 +1,10 @@
-"""Registers the ``cogvideox`` policy."""
+"""Registers the ``cogvideox`` policy (imports only the config model)."""
 
-from vpo_core import hookimpl
+from vpo_core import hookimpl, lazy
 
 from .config import CogVideoXConfig
 
-
-def build_cogvideox(config, context):
-    # Imported on use: diffusers/transformers load only when a spec asks for this policy.
-    from .cogvideox import build
-
-    return build(config, context)
+build_cogvideox = lazy("vpo_cogvideox.cogvideox:build")  # diffusers and transformers load when a spec uses it
 
 
 @hookimpl

@@ -1,14 +1,10 @@
 """Registers the objective ``grpo`` (imports only the config model)."""
 
-from vpo_core import hookimpl
+from vpo_core import hookimpl, lazy
 
 from .config import GRPOConfig
 
-
-def build_grpo(config, context):
-    from .objective import GRPOObjective
-
-    return GRPOObjective(config, context)
+build_grpo = lazy("vpo_grpo.objective:GRPOObjective")
 
 
 @hookimpl

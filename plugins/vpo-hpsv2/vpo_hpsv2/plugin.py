@@ -1,26 +1,10 @@
 """Registers the ``hpsv2`` reward and the ``vpo hpsv2 convert`` command (imports only the config model)."""
 
-from vpo_core import hookimpl
+from vpo_core import hookimpl, lazy
 
 from .config import HPSv2Config
 
-
-def build_hpsv2(config, context):
-    from .reward import build_hpsv2_reward
-
-    return build_hpsv2_reward(config, context)
-
-
-def configure_cli(parser):
-    from .convert import configure_cli
-
-    configure_cli(parser)
-
-
-def run_cli(args):
-    from .convert import run_cli
-
-    return run_cli(args)
+build_hpsv2 = lazy("vpo_hpsv2.reward:build_hpsv2_reward")
 
 
 @hookimpl
@@ -30,4 +14,5 @@ def vpo_register_rewards(register):
 
 @hookimpl
 def vpo_register_commands(register):
-    register("hpsv2", configure_cli, run_cli, help="HPSv2 tools (convert: open_clip checkpoint -> CLIPModel dir)")
+    register("hpsv2", lazy("vpo_hpsv2.convert:configure_cli"), lazy("vpo_hpsv2.convert:run_cli"),
+             help="HPSv2 tools (convert: open_clip checkpoint -> CLIPModel dir)")

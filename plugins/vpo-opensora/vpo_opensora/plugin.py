@@ -1,15 +1,10 @@
-"""Registers the ``opensora`` policy."""
+"""Registers the ``opensora`` policy (imports only the config model)."""
 
-from vpo_core import hookimpl
+from vpo_core import hookimpl, lazy
 
 from .config import OpenSoraConfig
 
-
-def build_opensora(config, context):
-    # Imported on use: torch, diffusers and transformers load only when a spec asks for this policy.
-    from .opensora import build
-
-    return build(config, context)
+build_opensora = lazy("vpo_opensora.opensora:build")  # torch, diffusers and transformers load when a spec uses it
 
 
 @hookimpl

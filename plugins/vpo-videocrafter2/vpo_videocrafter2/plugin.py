@@ -1,27 +1,10 @@
-"""Registers the ``videocrafter2`` policy and the ``vpo videocrafter2 convert`` command."""
+"""Registers the ``videocrafter2`` policy and the ``vpo videocrafter2 convert`` command (config models only)."""
 
-from vpo_core import hookimpl
+from vpo_core import hookimpl, lazy
 
 from .config import VideoCrafter2Config
 
-
-def build_videocrafter2(config, context):
-    # Imported on use: diffusers/transformers load only when a spec asks for this policy.
-    from .videocrafter2 import build
-
-    return build(config, context)
-
-
-def configure_cli(parser):
-    from .checkpoint import configure_cli
-
-    configure_cli(parser)
-
-
-def run_cli(args):
-    from .checkpoint import run_cli
-
-    return run_cli(args)
+build_videocrafter2 = lazy("vpo_videocrafter2.videocrafter2:build")
 
 
 @hookimpl
@@ -31,4 +14,5 @@ def vpo_register_policies(register):
 
 @hookimpl
 def vpo_register_commands(register):
-    register("videocrafter2", configure_cli, run_cli, help="VideoCrafter2 tools (convert: model.ckpt -> safetensors)")
+    register("videocrafter2", lazy("vpo_videocrafter2.checkpoint:configure_cli"),
+             lazy("vpo_videocrafter2.checkpoint:run_cli"), help="VideoCrafter2 tools (convert: model.ckpt -> safetensors)")

@@ -1,14 +1,10 @@
 """Registers the ``videoscore`` reward (imports only the config model)."""
 
-from vpo_core import hookimpl
+from vpo_core import hookimpl, lazy
 
 from .config import VideoScoreConfig
 
-
-def build_videoscore(config, context):
-    from .reward import build
-
-    return build(config, context)
+build_videoscore = lazy("vpo_videoscore.reward:build")
 
 
 @hookimpl

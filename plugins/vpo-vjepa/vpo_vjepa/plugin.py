@@ -1,16 +1,10 @@
 """Registers the ``vjepa`` reward (imports only the config model)."""
 
-from vpo_core import hookimpl
+from vpo_core import hookimpl, lazy
 
 from .config import VJEPAConfig
 
 
-def build_vjepa(config, context):
-    from .reward import build_vjepa_reward
-
-    return build_vjepa_reward(config, context)
-
-
 @hookimpl
 def vpo_register_rewards(register):
-    register("vjepa", build_vjepa, VJEPAConfig)
+    register("vjepa", lazy("vpo_vjepa.reward:build_vjepa_reward"), VJEPAConfig)

@@ -1,15 +1,10 @@
-"""Registers the ``wan`` policy."""
+"""Registers the ``wan`` policy (imports only the config model)."""
 
-from vpo_core import hookimpl
+from vpo_core import hookimpl, lazy
 
 from .config import WanConfig
 
-
-def build_wan(config, context):
-    # Imported on use: torch/diffusers/transformers load only when a spec asks for this policy.
-    from .wan import build
-
-    return build(config, context)
+build_wan = lazy("vpo_wan.wan:build")  # torch, diffusers and transformers load when a spec uses it
 
 
 @hookimpl
