@@ -161,7 +161,11 @@ def _damage(pairs: Path, how: str) -> str:
 ])
 def test_damaged_pair_dataset_exits_2_naming_the_file_before_training(how, fragment, pairs, toy_spec, toy_env,
                                                                        tmp_path, capsys):
+    assert main(["validate", "--data", str(toy_spec), "--set", f"data.pairs={pairs}"]) == 0
+    assert "; data: 4 training prompts, 2 held-out, 4 pairs" in capsys.readouterr().out
     named = _damage(pairs, how)
+    assert main(["validate", "--data", str(toy_spec), "--set", f"data.pairs={pairs}"]) == 2  # found before a run
+    assert named in capsys.readouterr().err
     assert main(["run", str(toy_spec), "--no-progress", "--set", f"data.pairs={pairs}"]) == 2
     err = capsys.readouterr().err
     assert named in err and fragment in err and "Traceback" not in err, err

@@ -104,12 +104,27 @@ def cmd_validate(args, pm) -> int:
             source = read_spec_file(path)
             apply_overrides(source, args.overrides)
             r = resolve(source, pm())
+            data = _check_data(r) if args.data else ""
             print(f"{path}: valid ({r.mode}; policy {r.policy.component.name}, objective "
-                  f"{r.objective.component.name}, rewards: {', '.join(x.name for x in r.rewards) or 'none'})")
+                  f"{r.objective.component.name}, rewards: {', '.join(x.name for x in r.rewards) or 'none'}){data}")
         except VpoError as exc:  # the file's line, then its problems indented under it
             print(f"{path}: {str(exc).replace(chr(10), chr(10) + '  ')}", file=sys.stderr)
             worst = max(worst, exc.exit_code)
     return worst
+
+
+def _check_data(r) -> str:
+    """``--data``: read the prompt files and a vpo pair dataset as a run would, before it starts."""
+    from .data import PairDataset, read_prompts
+
+    d = r.spec.data
+    counts = [f"{len(read_prompts(d.prompts, d.prompts_file))} training prompts",
+              f"{len(read_prompts(d.eval_prompts, d.eval_prompts_file, 'data.eval_prompts_file'))} held-out"]
+    if d.pairs and d.pairs_format == "vpo":
+        counts.append(f"{len(PairDataset(d.pairs))} pairs")
+    elif d.pairs:
+        counts.append(f"pairs in the '{d.pairs_format}' layout are checked by the objective when a run opens them")
+    return "; data: " + ", ".join(counts)
 
 
 def cmd_plugins(args, pm) -> int:
@@ -183,6 +198,7 @@ def build_parser(commands=()) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("validate", help="check spec files (and that their plugins are installed) without running")
     _add_spec_args(p, many=True)
+    p.add_argument("--data", action="store_true", help="also read the prompt files and a vpo pair dataset")
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("plugins", help="list installed plugins and the parts they register")
     p.add_argument("--json", action="store_true")
