@@ -57,6 +57,17 @@ logging:
 """
 
 
+def lora_placement(policy, targets: list[str]) -> tuple[list[str], list[str]]:
+    """(modules that carry the learner's LoRA adapter, modules of the trainable module whose name matches one of
+    ``targets`` as peft matches them: the name or its dotted suffix), for tests that ``lora.target_modules`` is
+    honoured: the two lists must be equal and not empty."""
+    names = [n for n, _ in policy.trainable.module.named_modules()
+             if n and not any(part.startswith(("lora_", "base_layer")) or part in ("default", "reference")
+                              for part in n.split("."))]
+    matching = sorted(n for n in names if any(n == t or n.endswith("." + t) for t in targets))
+    return policy.trainable.adapted_module_names(), matching
+
+
 class ToyPolicyConfig(PolicyConfig):
     capabilities: ClassVar[frozenset[str]] = frozenset({"trajectories"})
     frames: int = 4

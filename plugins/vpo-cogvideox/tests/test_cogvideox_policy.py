@@ -370,3 +370,11 @@ def test_identical_weights_save_identical_bytes_whatever_the_hash_seed(tiny_2b, 
         assert child.wait(timeout=300) == 0, child.stderr.read().decode()[-2000:]
     first, second = ((out / "pytorch_lora_weights.safetensors").read_bytes() for out in outputs)
     assert b'"lora_adapter_metadata"' in first and first == second
+
+
+def test_lora_sits_on_exactly_the_target_modules(tiny_2b):
+    from vpo_core.testing import lora_placement
+
+    for targets in (["to_k"], ["ff.net.2", "to_out.0"]):
+        adapted, matching = lora_placement(make_policy(tiny_2b, lora={"rank": 2, "target_modules": targets}), targets)
+        assert adapted and adapted == matching, targets

@@ -398,3 +398,11 @@ def test_hub_ids_go_through_snapshot_download_with_safetensors_patterns(tiny, mo
     assert policy.sample(["a cat"], [0], decode=False).latents.shape == (1, *LATENT)
     with pytest.raises(VpoError, match="could not fetch STDiT3 transformer 'nobody/missing' from the hub"):
         make_policy(tiny, model="nobody/missing")
+
+
+def test_lora_sits_on_exactly_the_target_modules(tiny):
+    from vpo_core.testing import lora_placement
+
+    for targets in (["attn.qkv"], ["cross_attn.kv_linear", "mlp.fc2"]):
+        adapted, matching = lora_placement(make_policy(tiny, lora={"rank": 2, "target_modules": targets}), targets)
+        assert adapted and adapted == matching, targets

@@ -410,3 +410,12 @@ def test_trajectory_rows_windows_and_transition_graph(tiny):
     assert not torch.allclose(reference.log_prob, transition.log_prob.detach())
     assert gaussian_log_prob(batch.latents[[0], 2], transition.mean[:1].detach(), transition.std[:1]).item() == \
         pytest.approx(transition.log_prob[0].item(), abs=1e-5)
+
+
+def test_lora_sits_on_exactly_the_target_modules(tiny):
+    from vpo_core.testing import lora_placement
+
+    for targets in (["to_v"], ["to_k", "proj_out"]):
+        policy = build(tiny_config(tiny, lora={"rank": 2, "target_modules": targets}), CPU)
+        adapted, matching = lora_placement(policy, targets)
+        assert adapted and adapted == matching, targets

@@ -364,3 +364,12 @@ def test_clear_errors_for_user_mistakes(tiny, tmp_path):
         WanConfig(height=40)
     with pytest.raises(VpoError, match="one seed per row"):
         make_policy(tiny["2.1"]).sample(["a cat"], [1, 2])
+
+
+def test_lora_sits_on_exactly_the_target_modules(tiny):
+    from vpo_core.testing import lora_placement
+
+    for targets in (["attn1.to_k"], ["ffn.net.2", "attn2.to_q"]):
+        policy = make_policy(tiny["2.1"], lora={"rank": 2, "target_modules": targets})
+        adapted, matching = lora_placement(policy, targets)
+        assert adapted and adapted == matching, targets
