@@ -174,3 +174,12 @@ def test_selector_on_a_score_grid():
     assert (pair.prompt_index, pair.winner, pair.loser) == (1, 1, 0)
     assert pair.margin == pytest.approx(0.6)
     assert pair.weight == pytest.approx(0.72 / (0.875 * 0.275))
+
+
+def test_mean_split_is_strict_at_the_boundary():
+    """winner > mean > loser, strictly (VideoDPO's filter): a pair whose winner or loser sits exactly at the mean
+    is dropped. Mean over all six videos = 3.0 / 6 = 0.5 exactly."""
+    rows = [torch.tensor([0.5, 0.0]), torch.tensor([1.0, 0.5]), torch.tensor([0.75, 0.25])]
+    split = select_pairs(rows, keep_top_fraction=1.0, require_mean_split=True)
+    assert [(p.prompt_index, p.winner, p.loser) for p in split] == [(2, 0, 1)]
+    assert len(select_pairs(rows, keep_top_fraction=1.0, require_mean_split=False)) == 3

@@ -2,7 +2,8 @@
 
 Per prompt the best and the worst of its N candidates make a pair (margin = OmniScore gap). Filters, in
 order: equal scores never pair (gap must exceed ``min_gap``); optional ``require_mean_split`` keeps a pair
-only when winner > mean > loser, the mean taken over *all* scored videos (VideoDPO's filter_out_avg uses
+only when winner > mean > loser, strictly (a video exactly at the mean is on neither side, so its pair is
+dropped), the mean taken over *all* scored videos (VideoDPO's filter_out_avg uses
 the dataset-wide average OmniScore); then ``keep_top_fraction`` keeps the pairs with the largest gaps
 (VideoDPO drops the 25 % with the smallest gaps: ``int(n * (1 - keep))`` pairs are dropped).
 
