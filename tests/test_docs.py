@@ -25,7 +25,7 @@ def test_docs_stand_alone(doc):
 
 def test_walkthrough_names_exist(pm):
     text = (ROOT / "docs" / "walkthrough.md").read_text()
-    registered = {name for kind in pm.components.values() for name in kind}
+    registered = {name for kind in pm.part_types.values() for name in kind}
     types = set(re.findall(r"type: ([a-z_0-9]+)", text)) | set(re.findall(r"`([a-z_]+)` (?:reward|selector|objective)",
                                                                            text))
     assert types and types <= registered, types - registered

@@ -52,7 +52,7 @@ def test_broken_import_is_isolated(site):
     make_dist(site, "vpotest-good", "vpotest_good", GOOD)
     make_dist(site, "vpotest-bad", "vpotest_bad", "raise RuntimeError('boom at import')\n")
     pm = PluginManager()
-    assert "good_reward" in pm.components["reward"]
+    assert "good_reward" in pm.part_types["reward"]
     bad = pm.plugins["vpotest-bad"]
     assert bad.broken and "boom at import" in bad.error
     assert bad.distribution == "vpotest-bad" and bad.version == "1.2.3"
@@ -70,10 +70,10 @@ def test_hook_that_raises_is_isolated(site):
             raise ValueError("hook exploded")
     """)
     pm = PluginManager()
-    assert "good_reward" in pm.components["reward"]
+    assert "good_reward" in pm.part_types["reward"]
     assert "hook exploded" in pm.plugins["vpotest-raiser"].error
     # nothing of a failing plugin stays registered
-    assert "half_registered" not in pm.components["policy"]
+    assert "half_registered" not in pm.part_types["policy"]
 
 
 def test_misspelt_hook_fails_loudly(site):
@@ -86,7 +86,7 @@ def test_misspelt_hook_fails_loudly(site):
     pm = PluginManager()
     error = pm.plugins["vpotest-typo"].error
     assert "unknown hook 'vpo_register_reward'" in error and "vpo_register_rewards" in error
-    assert "never" not in pm.components["reward"]
+    assert "never" not in pm.part_types["reward"]
 
 
 def test_duplicate_name_names_both_plugins(site):
@@ -123,14 +123,14 @@ def test_register_rejects_a_config_that_is_not_the_kinds_base(toy_pm):
     for plugin in (Bad(), Wrong()):
         info = toy_pm.register_plugin(plugin, type(plugin).__name__)
         assert info.broken and "must subclass vpo_core.RewardConfig" in info.error
-    assert "x" not in toy_pm.components["reward"] and "y" not in toy_pm.components["reward"]
+    assert "x" not in toy_pm.part_types["reward"] and "y" not in toy_pm.part_types["reward"]
 
 
 def test_extra_plugins_env(monkeypatch):
     monkeypatch.setenv("VPO_LOAD_PLUGINS", "nothing")
     monkeypatch.setenv("VPO_EXTRA_PLUGINS", "vpo_core.testing,no_such_module_xyz")
     pm = PluginManager()
-    assert "toy" in pm.components["policy"]
+    assert "toy" in pm.part_types["policy"]
     assert pm.plugins["no_such_module_xyz"].broken
 
 
@@ -177,4 +177,4 @@ def test_each_part_hook_registers(hook_name, kind):
     assert not info.broken and info.parts[kind] == [f"my_{kind}"]
     comp = pm.get(kind, f"my_{kind}")
     assert comp.plugin == "mine" and comp.config_model is CONFIG_BASES[kind]
-    assert all(not pm.components[k] for k in pm.components if k != kind)
+    assert all(not pm.part_types[k] for k in pm.part_types if k != kind)

@@ -33,7 +33,7 @@ class PluginFault(RunError):
 def call(part: ResolvedPart, what: str, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
     """``fn(*args)`` on behalf of ``part``; exceptions (and an exceeded ``timeout``) become a PluginFault."""
     def fault(message: str) -> PluginFault:
-        return PluginFault(f"{part.kind} '{part.name}' from {part.component.origin or part.component.plugin}: "
+        return PluginFault(f"{part.kind} '{part.name}' from {part.part_type.origin or part.part_type.plugin}: "
                            f"{what} {message}")
     if timeout is None:
         try:
@@ -65,7 +65,7 @@ def _capture(fn: Callable[..., Any], args: tuple, result: list, errors: list) ->
 
 
 def contract(part: ResolvedPart, what: str, expected: str, received: Any) -> PluginFault:
-    return PluginFault(f"{part.kind} '{part.name}' from {part.component.origin or part.component.plugin}: {what} "
+    return PluginFault(f"{part.kind} '{part.name}' from {part.part_type.origin or part.part_type.plugin}: {what} "
                        f"broke the contract: expected {expected}, received {str(received)[:300]}")
 
 
@@ -173,7 +173,7 @@ def build_parts(resolved: ResolvedSpec, accelerator: Any, output_dir: Path) -> P
         if part is None:
             return None
         try:
-            return call(part, "building it", part.component.factory, part.config, ctx)
+            return call(part, "building it", part.part_type.factory, part.config, ctx)
         except PluginFault as fault:
             offline = _offline_cause(fault)
             if offline:

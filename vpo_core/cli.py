@@ -105,8 +105,8 @@ def cmd_validate(args, pm) -> int:
             apply_overrides(source, args.overrides)
             r = resolve(source, pm())
             data = _check_data(r) if args.data else ""
-            print(f"{path}: valid ({r.mode}; policy {r.policy.component.name}, objective "
-                  f"{r.objective.component.name}, rewards: {', '.join(x.name for x in r.rewards) or 'none'}){data}")
+            print(f"{path}: valid ({r.mode}; policy {r.policy.part_type.name}, objective "
+                  f"{r.objective.part_type.name}, rewards: {', '.join(x.name for x in r.rewards) or 'none'}){data}")
         except VpoError as exc:  # the file's line, then its problems indented under it
             print(f"{path}: {str(exc).replace(chr(10), chr(10) + '  ')}", file=sys.stderr)
             worst = max(worst, exc.exit_code)

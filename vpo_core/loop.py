@@ -152,7 +152,7 @@ class Trainer:
             data = p.objective.open_pair_dataset(self.spec.data.pairs, self.spec.data.pairs_format, p.policy)
             if data is None and self.spec.data.pairs_format != "vpo":
                 raise SpecError(f"pairs_format '{self.spec.data.pairs_format}' is not understood by objective "
-                                f"'{self.r.objective.component.name}'; use 'vpo'", "data.pairs_format")
+                                f"'{self.r.objective.part_type.name}'; use 'vpo'", "data.pairs_format")
             self.pair_data = data if data is not None else PairDataset(self.spec.data.pairs)
         self.policy.train(True)  # sampling switches to eval mode and back; losses run in train mode
         if self.world > 1:  # the engine synchronises gradients: FSDP2 shards the module, DDP wraps it

@@ -27,8 +27,8 @@ def build_pair_dataset(resolved: ResolvedSpec, out: Path, progress: bool = True)
     out.mkdir(parents=True, exist_ok=True)
     parts = build_parts(resolved, make_accelerator(resolved, out), out)
     spec, n = resolved.spec, resolved.spec.train.candidates_per_prompt
-    writer = PairDatasetWriter(out, {"candidates": n, "policy": resolved.policy.component.name,
-                                     "selector": resolved.selector.component.name, "seed": spec.seed})
+    writer = PairDatasetWriter(out, {"candidates": n, "policy": resolved.policy.part_type.name,
+                                     "selector": resolved.selector.part_type.name, "seed": spec.seed})
     prompts = parts.train_prompts
     todo = [i for i in range(len(prompts)) if not writer.has_group(i)]
     bar = _progress(progress, len(prompts), len(prompts) - len(todo))

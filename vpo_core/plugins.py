@@ -32,7 +32,7 @@ HOOK_OF_KIND: dict[Kind, str] = {
 
 
 @dataclass
-class Component:
+class PartType:
     kind: Kind
     name: str
     factory: Callable[..., Any]
@@ -67,7 +67,7 @@ class PluginInfo:
         return f"plugin '{self.name}' ({dist})"
 
 
-class DuplicateComponentError(PluginError):
+class DuplicatePartError(PluginError):
     pass
 
 
@@ -85,7 +85,7 @@ class PluginManager:
         self._pm = pluggy.PluginManager("vpo")
         self._pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, PluginInfo] = {}
-        self.components: dict[Kind, dict[str, Component]] = {k: {} for k in KINDS}
+        self.part_types: dict[Kind, dict[str, PartType]] = {k: {} for k in KINDS}
         self.commands: dict[str, Command] = {}
         if load_entrypoints:
             self.load_entrypoints()
@@ -166,7 +166,7 @@ class PluginManager:
 
     def _collect(self, plugin: object, name: str, info: PluginInfo) -> None:
         """Call this plugin's hooks one by one; on any error keep nothing it registered."""
-        registered: list[Component] = []
+        registered: list[PartType] = []
         commands: list[Command] = []
 
         def part_register(kind: Kind) -> Register:
@@ -176,7 +176,7 @@ class PluginManager:
                 if not isinstance(config_model, type) or not issubclass(config_model, base):
                     raise TypeError(f"config_model of {kind} '{part_name}' must subclass vpo_core.{base.__name__}, "
                                     f"got {config_model!r}")
-                registered.append(Component(kind, part_name, factory, config_model, name, info.describe()))
+                registered.append(PartType(kind, part_name, factory, config_model, name, info.describe()))
             return register
 
         def command_register(cmd_name: str, configure: Callable, run: Callable, help: str = "") -> None:
@@ -195,18 +195,18 @@ class PluginManager:
                 self._pm.unregister(name=name)
                 return
         for comp in registered:
-            existing = self.components[comp.kind].get(comp.name)
+            existing = self.part_types[comp.kind].get(comp.name)
             if existing is not None:
-                raise DuplicateComponentError(
+                raise DuplicatePartError(
                     f"{comp.kind} '{comp.name}' is registered twice: by plugin '{existing.plugin}' and by "
                     f"plugin '{comp.plugin}'. Uninstall one or disable it with VPO_DISABLE_PLUGINS={comp.plugin}"
                 )
         for cmd in commands:
             if cmd.name in self.commands:
-                raise DuplicateComponentError(f"command '{cmd.name}' is registered twice: by plugin "
+                raise DuplicatePartError(f"command '{cmd.name}' is registered twice: by plugin "
                                               f"'{self.commands[cmd.name].plugin}' and by plugin '{name}'")
         for comp in registered:
-            self.components[comp.kind][comp.name] = comp
+            self.part_types[comp.kind][comp.name] = comp
             info.parts[comp.kind].append(comp.name)
         for cmd in commands:
             self.commands[cmd.name] = cmd
@@ -216,14 +216,14 @@ class PluginManager:
     def broken(self) -> list[PluginInfo]:
         return [p for p in self.plugins.values() if p.broken]
 
-    def get(self, kind: Kind, name: str, path: str = "", line: int | None = None) -> Component:
-        comp = self.components[kind].get(name)
+    def get(self, kind: Kind, name: str, path: str = "", line: int | None = None) -> PartType:
+        comp = self.part_types[kind].get(name)
         if comp is not None:
             return comp
-        raise missing_component_error(self, kind, name, path, line)
+        raise missing_part_error(self, kind, name, path, line)
 
 
-def missing_component_error(pm: PluginManager, kind: Kind, name: str, path: str, line: int | None) -> SpecError:
+def missing_part_error(pm: PluginManager, kind: Kind, name: str, path: str, line: int | None) -> SpecError:
     """The most useful message for a part name that no loaded plugin registers."""
     from .registry import find_provider  # local import: registry reads a YAML file
 
@@ -244,7 +244,7 @@ def missing_component_error(pm: PluginManager, kind: Kind, name: str, path: str,
             _split_env("VPO_DISABLE_PLUGINS") else f"VPO_LOAD_PLUGINS={only} does not include it"
         return SpecError(f"{kind} '{name}' comes from {provider.distribution}, which is installed but not loaded: "
                          f"{why} (add '{provider.name}' to VPO_LOAD_PLUGINS or unset it)", path, line, exit_code=3)
-    known = sorted(pm.components[kind])
+    known = sorted(pm.part_types[kind])
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else "."
     listing = ", ".join(known) if known else "none installed"

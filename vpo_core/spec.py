@@ -1,8 +1,8 @@
 """The run spec: one YAML file validated by pydantic, with YAML line numbers in every message.
 
 Validation has two stages. ``RunSpec`` checks the core's own sections strictly (unknown keys are errors) and
-keeps each part's section open. Then each part's ``type`` is resolved to a registered component and the rest
-of its section is validated by that component's own config model.
+keeps each part's section open. Then each part's ``type`` is resolved to a registered part type and the rest
+of its section is validated by that part type's config model.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from .errors import SpecError, SpecErrors
-from .plugins import Component, PluginManager
+from .plugins import PartType, PluginManager
 from .types import Kind, PartConfig
 
 
@@ -312,7 +312,7 @@ def _errors_from_validation(exc: ValidationError, source: SpecSource, model: typ
 @dataclass
 class ResolvedPart:
     kind: Kind
-    component: Component
+    part_type: PartType
     config: PartConfig
     name: str  # rewards: alias used in score keys; others: the type
     weight: float = 1.0
@@ -346,8 +346,8 @@ class ResolvedSpec:
         for kind in ("policy", "selector", "objective"):
             part = getattr(self, kind)
             if part is not None:
-                out[kind] = {"type": part.component.name, **part.config.model_dump(mode="json")}
-        out["rewards"] = [{"type": r.component.name, "name": r.name, "weight": r.weight, "timeout_s": r.timeout_s,
+                out[kind] = {"type": part.part_type.name, **part.config.model_dump(mode="json")}
+        out["rewards"] = [{"type": r.part_type.name, "name": r.name, "weight": r.weight, "timeout_s": r.timeout_s,
                            **r.config.model_dump(mode="json")} for r in self.rewards]
         return out
 
@@ -433,7 +433,7 @@ def check_spec(r: ResolvedSpec, source: SpecSource) -> list[SpecError]:
 
     def error(message: str, *path: Any) -> None:
         errors.append(SpecError(message, *source.where(path)))
-    requires, name = r.requires, r.objective.component.name
+    requires, name = r.requires, r.objective.part_type.name
     if r.mode == "online pairs" and r.selector is None:
         error("objective needs preference pairs: add a `selector:` section (e.g. `type: best_worst`) or point "
               "`data.pairs` at a stored pair dataset", "selector")
@@ -447,13 +447,13 @@ def check_spec(r: ResolvedSpec, source: SpecSource) -> list[SpecError]:
             error(f"file '{value}' does not exist", "data", key)
     if requires == "trajectories" and "trajectories" not in r.policy.config.capabilities:
         error(f"objective '{name}' trains on recorded denoising trajectories, which policy "
-              f"'{r.policy.component.name}' does not offer (capability 'trajectories')", "objective", "type")
+              f"'{r.policy.part_type.name}' does not offer (capability 'trajectories')", "objective", "type")
     keys = {"total"}
     for i, reward in enumerate(r.rewards):
         try:
             keys |= {f"{reward.name}.{d}" for d in reward.config.score_dimensions()}
         except NotImplementedError as exc:
-            error(f"{reward.component.origin}: {exc}", "rewards", i, "type")
+            error(f"{reward.part_type.origin}: {exc}", "rewards", i, "type")
         if requires == "rollout" and not reward.config.differentiable:
             error(f"reward '{reward.name}' is not differentiable, but objective '{name}' back-propagates through "
                   f"the rewards; remove it or use a pair-based objective", "rewards", i)
@@ -494,7 +494,7 @@ def json_schema(pm: PluginManager) -> dict[str, Any]:
 
     def union(kind: Kind, extra_fields: dict[str, Any]) -> Any:
         variants = []
-        for comp in pm.components[kind].values():
+        for comp in pm.part_types[kind].values():
             variants.append(create_model(
                 f"{kind}_{comp.name}".replace("-", "_"), __base__=comp.config_model,
                 type=(Literal[comp.name], ...), **extra_fields))

@@ -44,7 +44,7 @@ def test_vader_example_has_vaders_open_sora_settings(monkeypatch, capsys):
     assert policy.model == "hpcai-tech/OpenSora-STDiT-v3" and policy.num_frames == 51
     assert (policy.num_inference_steps, policy.guidance_scale, policy.aesthetic_score) == (30, 7.0, 6.5)
     assert (policy.lora.rank, sorted(policy.lora.target_modules)) == (16, ["kv_linear", "q_linear", "qkv"])
-    assert reward.component.name == "hpsv2" and list(r.objective.config.rewards) == [f"{reward.name}.score"]
+    assert reward.part_type.name == "hpsv2" and list(r.objective.config.rewards) == [f"{reward.name}.score"]
     assert (r.objective.config.cutoff, r.objective.config.frames) == ("last", "one_random")
     t = r.spec.train
     assert (t.learning_rate, t.prompts_per_step, t.gradient_accumulation_steps) == (2e-4, 1, 8)

@@ -23,7 +23,7 @@ def test_example_validates_with_vader_settings(monkeypatch, capsys):
 
     r = load_spec(EXAMPLE, PluginManager())
     (reward,) = r.rewards
-    assert reward.component.name == "hpsv2" and list(r.objective.config.rewards) == [f"{reward.name}.score"]
+    assert reward.part_type.name == "hpsv2" and list(r.objective.config.rewards) == [f"{reward.name}.score"]
     assert (r.policy.config.model, r.policy.config.num_inference_steps) == ("THUDM/CogVideoX-2b", 25)
     assert (r.objective.config.cutoff, r.objective.config.last_steps) == ("last", 1)
     t = r.spec.train

@@ -34,7 +34,7 @@ def test_vader_example_has_vaders_videocrafter2_settings(monkeypatch, capsys):
     lora = policy.lora
     assert (lora.rank, lora.alpha, lora.dropout, sorted(lora.target_modules)) == (16, 8, 0.01, ["to_k", "to_q", "to_v"])
     assert not policy.full_finetune
-    assert reward.component.name == "hpsv2" and reward.config.version == "v2.1"
+    assert reward.part_type.name == "hpsv2" and reward.config.version == "v2.1"
     assert list(r.objective.config.rewards) == [f"{reward.name}.score"]
     assert (r.objective.config.cutoff, r.objective.config.frames) == ("last", "one_random")
     t = r.spec.train

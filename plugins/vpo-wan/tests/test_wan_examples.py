@@ -25,7 +25,7 @@ def test_example_validates_on_wan_21_at_480p(name, plugins, mode, monkeypatch, c
     assert f"valid ({mode}" in capsys.readouterr().out
     resolved = load_spec(ROOT / "examples" / name, PluginManager())
     policy = resolved.policy.config
-    assert resolved.policy.component.name == "wan" and policy.model == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    assert resolved.policy.part_type.name == "wan" and policy.model == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     assert (policy.num_frames, policy.height, policy.width, policy.num_inference_steps) == (49, 480, 832, 30)
     assert resolved.spec.train.mixed_precision == "bf16" and policy.vae_slicing == "auto"
     keys = {f"{reward.name}.{d}" for reward in resolved.rewards for d in reward.config.score_dimensions()}
