@@ -149,12 +149,14 @@ class Trainer:
         self.policy = p.policy
         self.pair_data = None
         if self.r.mode == "offline pairs":
-            data = p.objective.open_pair_dataset(self.spec.data.pairs, self.spec.data.pairs_format, p.policy)
+            data = call(self.r.objective, "open_pair_dataset()", p.objective.open_pair_dataset, self.spec.data.pairs,
+                        self.spec.data.pairs_format, p.policy)
             if data is None and self.spec.data.pairs_format != "vpo":
                 raise SpecError(f"pairs_format '{self.spec.data.pairs_format}' is not understood by objective "
                                 f"'{self.r.objective.part_type.name}'; use 'vpo'", "data.pairs_format")
             self.pair_data = data if data is not None else PairDataset(self.spec.data.pairs)
         self.policy.train(True)  # sampling switches to eval mode and back; losses run in train mode
+        self.fsdp = False
         if self.world > 1:  # the engine synchronises gradients: FSDP2 shards the module, DDP wraps it
             from accelerate.utils import DistributedType
 
@@ -363,6 +365,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ eval
     def evaluate(self, step: int, final: bool = False) -> dict[str, float]:
         """Held-out prompts x seeds (the same every evaluation), split over processes and gathered."""
+        from .report import mean_sem
         from .video import write_video
 
         p, e = self.parts, self.spec.eval
@@ -406,10 +409,7 @@ class Trainer:
                       f"(NaN); the mean is over the others", file=sys.stderr)
                 out[f"eval/{k}_nan"] = len(rows) - len(values)
             if values:
-                mean = sum(values) / len(values)
-                sem = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) \
-                    if len(values) > 1 else 0.0
-                out[f"eval/{k}"], out[f"eval/{k}_sem"] = mean, sem
+                out[f"eval/{k}"], out[f"eval/{k}_sem"] = mean_sem(values)
         return out
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -561,6 +561,8 @@ class Trainer:
         import yaml
 
         final, tmp = self.output_dir / "final", self.output_dir / ".tmp-final"
+        if not self.main and not self.fsdp:
+            return
         # Sharded (FSDP2) weights are gathered inside save_pretrained: every process calls it, the others into
         # a scratch directory.
         target = tmp if self.main else Path(tempfile.mkdtemp(prefix="vpo-final-"))

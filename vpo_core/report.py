@@ -22,7 +22,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def _mean_sem(values: list[float | None]) -> tuple[float, float]:
+def mean_sem(values: list[float | None]) -> tuple[float, float]:
     values = [v for v in values if v is not None]
     n = len(values)
     if not n:
@@ -38,10 +38,10 @@ def summarize_eval(output_dir: Path) -> dict[str, dict[str, tuple[float, float]]
     if not evals:
         return {}
     first, last = evals[0]["scores"], ([e for e in evals if e.get("final")] or evals[-1:])[-1]["scores"]
-    gain = {k: _mean_sem([a - b for a, b in zip(last[k], v) if a is not None and b is not None])
+    gain = {k: mean_sem([a - b for a, b in zip(last[k], v) if a is not None and b is not None])
             for k, v in first.items() if k in last and len(last[k]) == len(v)}
-    return {"before": {k: _mean_sem(v) for k, v in first.items()},
-            "after": {k: _mean_sem(v) for k, v in last.items()}, "gain": gain}
+    return {"before": {k: mean_sem(v) for k, v in first.items()},
+            "after": {k: mean_sem(v) for k, v in last.items()}, "gain": gain}
 
 
 def total_formula(output_dir: Path) -> str:
@@ -113,7 +113,7 @@ def write_report(output_dir: Path) -> Path:
     if len(evals) > 1:
         def draw_curve(ax):
             for k in sorted(evals[0]["scores"]):
-                pts = [(e["step"], *_mean_sem(e["scores"].get(k, []))) for e in evals]
+                pts = [(e["step"], *mean_sem(e["scores"].get(k, []))) for e in evals]
                 pts = [p for p in pts if not math.isnan(p[1])]
                 if pts:
                     steps, means, errs = zip(*pts)
