@@ -24,6 +24,7 @@ from .spec import ResolvedPart, ResolvedSpec
 from .types import BuildContext, Pair
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_WEIGHT_KEY = re.compile(r"model|tokenizer|encoder|vae|checkpoint|repo|transformer|unet")
 
 
 class PluginFault(RunError):
@@ -192,17 +193,16 @@ def build_parts(resolved: ResolvedSpec, accelerator: Any, output_dir: Path) -> P
 
 # ----------------------------------------------------------------------------------------------- hub
 def _hub_ids(resolved: ResolvedSpec) -> list[str]:
-    """Strings of the parts' configs that name Hugging Face repositories rather than local paths."""
+    """Values of the parts' configs that name Hugging Face repositories: keys that name weights (``model``,
+    ``tokenizer``, ``text_encoder``, ``vae``, ``checkpoint``, ...) holding ``org/name`` that is not a local path."""
     found = []
 
-    def visit(value: Any) -> None:
+    def visit(value: Any, key: str = "") -> None:
         if isinstance(value, dict):
-            for v in value.values():
-                visit(v)
-        elif isinstance(value, list):
-            for v in value:
-                visit(v)
-        elif isinstance(value, str) and _HUB_ID.match(value) and not Path(value).expanduser().exists():
+            for k, v in value.items():
+                visit(v, str(k))
+        elif isinstance(value, str) and _WEIGHT_KEY.search(key) and _HUB_ID.match(value) \
+                and not Path(value).expanduser().exists():
             found.append(value)
     for part in [resolved.policy, *resolved.rewards, resolved.selector, resolved.objective]:
         if part is not None:
