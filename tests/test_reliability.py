@@ -346,11 +346,14 @@ def test_plugins_and_validate_import_no_model_code():
     examples = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "examples").glob("*.yaml"))
     code = ("import sys\nfrom vpo_core.cli import main\n"
             f"assert main(['plugins']) == 0 and main(['validate', *{examples!r}]) == 0\n"
+            # a selector key no reward provides is caught from the declarations alone
+            "assert main(['validate', 'examples/quickstart.yaml', '--set', 'selector.key=toy.sparkle']) == 2\n"
             "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'accelerate') if m in sys.modules)\n"
             "print('HEAVY', heavy)\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("VPO_")}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "score key(s) ['toy.sparkle'] are not provided by any reward" in done.stderr
     assert "HEAVY []" in done.stdout, done.stdout
 
 
