@@ -84,7 +84,7 @@ def worker(spec: str, report: str, no_sync: bool) -> None:
         start = time.perf_counter()
         out = train_step(n)
         steps.append((time.perf_counter() - start, spent["work"]))
-        return out
+        return out  # (metrics, skip reason)
 
     trainer.train_step = step
     trainer.run()

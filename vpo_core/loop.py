@@ -16,6 +16,7 @@ FSDP2's reduce-scatter) on the last backward of a step only; only the main proce
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import math
 import os
@@ -41,6 +42,13 @@ METRICS, EVALS, CHANGES = "metrics.jsonl", "eval.jsonl", "spec_changes.jsonl"
 # Spec fields that may change on --resume (docs/spec.md); any other difference needs --allow-spec-change.
 RESUMABLE = ("output_dir", "train.steps", "checkpoint.", "eval.every", "eval.videos", "eval.video_format",
              "eval.fps", "eval.video_scale", "logging.")
+
+
+class Skip(enum.Enum):
+    """Why a step trained nothing (its weights are untouched)."""
+
+    NO_PAIRS = "no_pairs"  # every prompt's candidates tied within the selector's min_gap
+    NONFINITE = "nonfinite"  # a reward, loss or gradient was not finite
 
 
 @dataclass
@@ -264,8 +272,9 @@ class Trainer:
                             [derive_seed(self.spec.seed, "rollout", first + g) for g in mine]), t.prompts_per_step)
 
     # ------------------------------------------------------------------------------------------ learn
-    def train_step(self, step: int) -> dict[str, Any]:
-        """One optimizer step. Non-finite rewards, losses or gradients skip the update (weights untouched)."""
+    def train_step(self, step: int) -> tuple[dict[str, Any], Skip | None]:
+        """One optimizer step -> (metrics, why it trained nothing or None). Non-finite rewards, losses or gradients
+        skip the update (weights untouched)."""
         t, seed = self.spec.train, self.spec.seed
         metrics: dict[str, Any] = {"lr": self.optimizer.optimizer.param_groups[0]["lr"]}  # the rate this step uses
         torch.manual_seed(derive_seed(seed, "torch", step, self.rank))  # dropout etc. independent of history
@@ -276,14 +285,14 @@ class Trainer:
         for micro in range(t.gradient_accumulation_steps):
             got = collect(step, micro, metrics)
             if got is None:
-                reason = "nonfinite"
+                reason = Skip.NONFINITE
                 break
             batch, rows = got
             total += rows
             if batch is not None:
                 batches.append((micro, batch))
         if reason is None and total == 0:
-            reason = "no_pairs"
+            reason = Skip.NO_PAIRS
         for update in range(self.updates if reason is None else 0):  # GRPO's inner epochs: several updates
             todo = [(micro, call(self.r.objective, "expand()", self.parts.objective.expand, batch,
                                  self._context(step, micro, update))) for micro, batch in batches]
@@ -295,7 +304,7 @@ class Trainer:
             norm = self.accelerator.clip_grad_norm_(self.params, t.max_grad_norm or math.inf) \
                 if reason is None else None
             if norm is not None and not math.isfinite(float(norm)):
-                reason = "nonfinite"
+                reason = Skip.NONFINITE
             if reason is not None:
                 break
             metrics["grad_norm"] = float(norm)
@@ -308,8 +317,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         metrics["skipped"] = int(reason is not None)
         if reason is not None:
-            metrics["skip_reason"] = reason
-        return metrics
+            metrics["skip_reason"] = reason.value  # for metrics.jsonl and the report
+        return metrics, reason
 
     def _context(self, step: int, micro: int, update: int = 0) -> StepContext:
         gen = torch.Generator().manual_seed(derive_seed(self.spec.seed, "step", step, micro, update))
@@ -321,7 +330,7 @@ class Trainer:
         return float(self.accelerator.reduce(torch.tensor([value], device=self.accelerator.device), "sum").item())
 
     def _learn(self, step: int, batches: list[tuple[int, Batch]], total: int, metrics: dict,
-               update: int = 0) -> str | None:
+               update: int = 0) -> Skip | None:
         size = self.spec.train.pair_batch_size
         chunks = [(micro, b.take(s) if size else b) for micro, b in batches
                   for s in (_slices(len(b), size) if size else [None])]
@@ -350,7 +359,7 @@ class Trainer:
             totals = self.accelerator.reduce(totals.to(self.accelerator.device), "sum").cpu()
         metrics.update({k: float(v) / total for k, v in zip(keys, totals[2:])})
         if totals[0] > 0:
-            return "nonfinite"
+            return Skip.NONFINITE
         metrics["loss"] = float(totals[1]) / total
         return None
 
@@ -519,20 +528,19 @@ class Trainer:
             with _StopFlag() as stop:
                 for step in range(start_step + 1, steps + 1):
                     t0 = time.time()
-                    metrics = self.train_step(step)
+                    metrics, reason = self.train_step(step)
                     self.trained = True
-                    reason = metrics.get("skip_reason")
                     counters["consecutive_nonfinite"] = counters["consecutive_nonfinite"] + 1 \
-                        if reason == "nonfinite" else 0
-                    if reason:
-                        counters[f"skipped_{reason}"] += 1
+                        if reason is Skip.NONFINITE else 0
+                    if reason is not None:
+                        counters[f"skipped_{reason.value}"] += 1
                     metrics.update({"step_time": time.time() - t0, "skipped_nonfinite": counters["skipped_nonfinite"],
                                     "skipped_no_pairs": counters["skipped_no_pairs"]})
                     if self.spec.eval.every and step % self.spec.eval.every == 0 and step != steps:
                         metrics.update(self.evaluate(step))
                     self._log({"step": step, **metrics})
                     bar.update(1)
-                    bar.set_postfix(loss=metrics.get("loss", float("nan")), skipped=reason or "-")
+                    bar.set_postfix(loss=metrics.get("loss", float("nan")), skipped=reason.value if reason else "-")
                     stopping = stop.signum is not None
                     if self.world > 1:  # every process stops after the same step
                         flag = torch.tensor([float(stopping)], device=self.accelerator.device)
