@@ -109,6 +109,7 @@ class Trainer:
         self.output_dir = Path(output_dir or self.spec.output_dir)
         self.resume, self.progress, self.allow_spec_change = resume, progress, allow_spec_change
         self.lock: ckpt.RunLock | None = None
+        self.stop_asked, self.stop_agreed = False, None  # a signal arrived / every process agreed to stop
 
     # ------------------------------------------------------------------------------------------ set-up
     def _open_run_dir(self) -> Path | None:
@@ -354,13 +355,15 @@ class Trainer:
                 key = k if k.startswith("reward/") else f"objective/{k}"
                 sums[key] = sums.get(key, 0.0) + float(v) * rows
         keys = sorted(sums)
-        totals = torch.tensor([float(bad), loss_sum, *(sums[k] for k in keys)], dtype=torch.float64)
-        if self.world > 1:  # one small all-reduce: the skip decision and the step's metrics, over every process
+        totals = torch.tensor([float(bad), float(self.stop_asked), loss_sum, *(sums[k] for k in keys)],
+                              dtype=torch.float64)
+        if self.world > 1:  # one small all-reduce: skip, stop, and the step's metrics, over every process
             totals = self.accelerator.reduce(totals.to(self.accelerator.device), "sum").cpu()
-        metrics.update({k: float(v) / total for k, v in zip(keys, totals[2:])})
+            self.stop_agreed = bool(totals[1] > 0)
+        metrics.update({k: float(v) / total for k, v in zip(keys, totals[3:])})
         if totals[0] > 0:
             return Skip.NONFINITE
-        metrics["loss"] = float(totals[1]) / total
+        metrics["loss"] = float(totals[2]) / total
         return None
 
     def _gather_grid(self, scores: dict, prompts: int, candidates: int) -> dict:
@@ -528,6 +531,7 @@ class Trainer:
             with _StopFlag() as stop:
                 for step in range(start_step + 1, steps + 1):
                     t0 = time.time()
+                    self.stop_asked, self.stop_agreed = stop.signum is not None, None
                     metrics, reason = self.train_step(step)
                     self.trained = True
                     counters["consecutive_nonfinite"] = counters["consecutive_nonfinite"] + 1 \
@@ -541,10 +545,12 @@ class Trainer:
                     self._log({"step": step, **metrics})
                     bar.update(1)
                     bar.set_postfix(loss=metrics.get("loss", float("nan")), skipped=reason.value if reason else "-")
-                    stopping = stop.signum is not None
-                    if self.world > 1:  # every process stops after the same step
-                        flag = torch.tensor([float(stopping)], device=self.accelerator.device)
-                        stopping = bool(self.accelerator.reduce(flag, "sum").item() > 0)
+                    stopping = self.stop_agreed  # every process stops after the same step: agreed in _learn,
+                    if stopping is None:  # or here when the step trained nothing
+                        stopping = stop.signum is not None
+                        if self.world > 1:
+                            flag = torch.tensor([float(stopping)], device=self.accelerator.device)
+                            stopping = bool(self.accelerator.reduce(flag, "sum").item() > 0)
                     too_many = counters["consecutive_nonfinite"] >= self.spec.safety.max_consecutive_nonfinite
                     every = self.spec.checkpoint.every
                     if too_many or stopping or (every and step % every == 0) or step == steps:
