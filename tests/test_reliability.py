@@ -249,7 +249,7 @@ def test_a_reward_breaking_the_contract_is_named(reward, message, tmp_path, bad_
 
     spec = spec_file(tmp_path, **{"selector:\n  type: toy_best_worst": "selector:\n  type: toy_best_worst\n  key: "
                                   "misbehaving.v"})
-    with pytest.raises(RunError, match="") as info:
+    with pytest.raises(RunError) as info:
         run(spec, bad_pm, f"rewards=[{reward}]")
     assert message in str(info.value) and info.value.exit_code == 1
 

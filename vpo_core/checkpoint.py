@@ -184,9 +184,15 @@ class RunLock:
         try:
             fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self._fh.seek(0)
-            holder = self._fh.read().strip() or "another process"
+            holder = ""
+            for _ in range(20):  # the holder writes its name just after locking; give it a moment to appear
+                self._fh.seek(0)
+                holder = self._fh.read().strip()
+                if holder:
+                    break
+                time.sleep(0.05)
             self._fh.close()
+            holder = holder or "another process"
             raise SpecError(f"output_dir '{directory}' is in use by another vpo run ({holder}); wait for it to "
                             f"finish or choose another output_dir") from None
         self._fh.seek(0)
