@@ -170,24 +170,6 @@ def canonical_safetensors(path: Path) -> None:
         file.write(text + b" " * (length - len(text)))  # the same keys and values: the same length
 
 
-def word_level_t5_tokenizer(words, max_length: int):
-    """A ``PreTrainedTokenizerFast`` over ``words`` that behaves like (U)T5's tokenizer where the pipelines care:
-    ``<pad>`` = 0, ``</s>`` = 1 appended to every sequence, ``<unk>`` = 2, lower-cased, whitespace-split. For tiny
-    test pipelines in the published layouts (the real tokenizers are too large to ship)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in words:
-        vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=max_length)
-
-
 # ----------------------------------------------------------------------------------------------- policy
 def _experts(modules: dict):
     """Several denoisers trained as one module (Wan 2.2 A14B's two experts), so that one ``TrainableModule`` (one

@@ -27,6 +27,24 @@ from .types import (BuildContext, GradientWindow, Objective, ObjectiveConfig, Ob
                     TrajectorySettings, Transition)
 
 
+def word_level_t5_tokenizer(words, max_length: int):
+    """A ``PreTrainedTokenizerFast`` over ``words`` that behaves like (U)T5's tokenizer where the pipelines care:
+    ``<pad>`` = 0, ``</s>`` = 1 appended to every sequence, ``<unk>`` = 2, lower-cased, whitespace-split. For tiny
+    test pipelines in the published layouts (the real tokenizers are too large to ship)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=max_length)
+
+
 # A complete spec over the toy parts (``{out}`` is the output directory), used by the core's tests.
 TOY_SPEC = """\
 output_dir: {out}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from vpo_core.diffusers_policy import word_level_t5_tokenizer  # noqa: F401  (also used by vpo-toyworld)
+from vpo_core.testing import word_level_t5_tokenizer  # noqa: F401  (also used by vpo-toyworld)
 
 # Words the tokenizer knows; anything else maps to <unk>. Enough for test prompts to differ.
 _WORDS = (

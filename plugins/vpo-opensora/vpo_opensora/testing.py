@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from vpo_core.testing import word_level_t5_tokenizer
 
 TINY_FRAMES, TINY_HEIGHT, TINY_WIDTH = 17, 32, 32
 # Words the tokenizer knows (anything else is <unk>): enough for test prompts to differ, plus the score suffix.
@@ -24,22 +25,6 @@ _WORDS = ("a an the of in on with and is at to by cat dog bird fish horse car bo
           "street forest mountain beach snow rain sun moon night day red blue green yellow white black running "
           "walking flying swimming jumping dancing playing sitting video close up slow motion aesthetic score "
           ": . , 0 1 2 3 4 5 6 7 8 9").split()
-
-
-def t5_word_tokenizer(words, max_length: int):
-    """A ``PreTrainedTokenizerFast`` that behaves like T5's where Open-Sora cares: ``<pad>`` = 0, ``</s>`` = 1
-    appended to every sequence, ``<unk>`` = 2, whitespace/punctuation split, lower-cased."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    vocab.update({word: 3 + i for i, word in enumerate(dict.fromkeys(words))})
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=max_length)
 
 
 def tiny_config(directory: str | Path, **overrides):
@@ -76,7 +61,7 @@ def build_tiny_opensora(directory: str | Path, seed: int = 0, max_text_length: i
     vae = OpenSoraVAE(spatial, temporal, shift=(-0.10, 0.34, 0.27, 0.98), scale=(3.85, 2.32, 2.33, 3.06))
     vae.save_pretrained(directory / "vae")
 
-    tokenizer = t5_word_tokenizer(_WORDS, max_text_length)
+    tokenizer = word_level_t5_tokenizer(_WORDS, max_text_length)
     encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=64, num_layers=1,
                                       num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
                                       pad_token_id=0, eos_token_id=1))

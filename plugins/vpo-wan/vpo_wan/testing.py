@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from vpo_core.diffusers_policy import word_level_t5_tokenizer
+from vpo_core.testing import word_level_t5_tokenizer
 
 _VOCABULARY = (
     "a the of in on with and at cat dog bird fox car boat tree river sea sky city forest snow rain sun night "
