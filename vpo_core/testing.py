@@ -75,6 +75,29 @@ logging:
 """
 
 
+def validated_example(path: str | Path, mode: str):
+    """An example spec checked as ``vpo validate`` checks it, from the repository root its relative paths are
+    written against (``examples/`` lies in it), then resolved. Asserts that it validates in ``mode`` ("online
+    pairs", "rollout", ...); returns the ``ResolvedSpec``."""
+    import contextlib
+    import io
+    import os
+
+    from .cli import main
+    from .plugins import PluginManager
+    from .spec import load_spec
+
+    path, printed, cwd = Path(path).resolve(), io.StringIO(), os.getcwd()
+    os.chdir(path.parents[1])
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            code = main(["validate", str(path)])
+        assert code == 0 and f"valid ({mode}" in printed.getvalue(), printed.getvalue()
+        return load_spec(path, PluginManager())
+    finally:
+        os.chdir(cwd)
+
+
 def lora_placement(policy, targets: list[str]) -> tuple[list[str], list[str]]:
     """(modules that carry the learner's LoRA adapter, modules of the trainable module whose name matches one of
     ``targets`` as peft matches them: the name or its dotted suffix), for tests that ``lora.target_modules`` is

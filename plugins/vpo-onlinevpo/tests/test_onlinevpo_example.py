@@ -10,18 +10,12 @@ ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "examples" / "onlinevpo-cogvideox-2b.yaml"
 
 
-def test_example_validates_with_the_paper_settings(monkeypatch, capsys):
+def test_example_validates_with_the_paper_settings():
     for plugin in ("vpo_cogvideox", "vpo_videoscore", "vpo_onlinevpo"):
         pytest.importorskip(plugin)
-    from vpo_core.cli import main
-    from vpo_core.plugins import PluginManager
-    from vpo_core.spec import load_spec
+    from vpo_core.testing import validated_example
 
-    monkeypatch.chdir(ROOT)  # prompt files are relative to the repository root
-    assert main(["validate", str(EXAMPLE)]) == 0
-    assert "valid (online pairs" in capsys.readouterr().out
-
-    r = load_spec(EXAMPLE, PluginManager())
+    r = validated_example(EXAMPLE, "online pairs")
     (reward,) = r.rewards
     assert (r.policy.config.model, r.policy.config.num_inference_steps) == ("THUDM/CogVideoX-2b", 30)
     assert reward.config.model == "TIGER-Lab/VideoScore-v1.1"
@@ -29,5 +23,5 @@ def test_example_validates_with_the_paper_settings(monkeypatch, capsys):
     assert r.objective.config.reference_update_every == 200 and r.spec.train.candidates_per_prompt == 4
     t = r.spec.train
     assert t.learning_rate == 1e-5 and t.prompts_per_step * t.gradient_accumulation_steps == 8
-    assert len([line for line in Path(r.spec.data.prompts_file).read_text().splitlines()
+    assert len([line for line in (ROOT / r.spec.data.prompts_file).read_text().splitlines()
                 if line.strip() and not line.startswith("#")]) >= 24

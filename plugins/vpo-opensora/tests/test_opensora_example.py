@@ -9,21 +9,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def load(name, plugins, monkeypatch, capsys, mode):
+def load(name, plugins, mode):
     for plugin in plugins:
         pytest.importorskip(plugin)
-    from vpo_core.cli import main
-    from vpo_core.plugins import PluginManager
-    from vpo_core.spec import load_spec
+    from vpo_core.testing import validated_example
 
-    monkeypatch.chdir(ROOT)  # prompt files are relative to the repository root
-    assert main(["validate", str(ROOT / "examples" / name)]) == 0
-    assert f"valid ({mode}" in capsys.readouterr().out
-    return load_spec(ROOT / "examples" / name, PluginManager())
+    return validated_example(ROOT / "examples" / name, mode)
 
 
-def test_onlinevpo_example_has_the_paper_settings(monkeypatch, capsys):
-    r = load("onlinevpo-opensora.yaml", ("vpo_opensora", "vpo_videoscore", "vpo_onlinevpo"), monkeypatch, capsys,
+def test_onlinevpo_example_has_the_paper_settings():
+    r = load("onlinevpo-opensora.yaml", ("vpo_opensora", "vpo_videoscore", "vpo_onlinevpo"),
              "online pairs")
     (reward,) = r.rewards
     policy = r.policy.config
@@ -37,8 +32,8 @@ def test_onlinevpo_example_has_the_paper_settings(monkeypatch, capsys):
     assert t.learning_rate == 1e-5 and t.prompts_per_step * t.gradient_accumulation_steps == 8
 
 
-def test_vader_example_has_vaders_open_sora_settings(monkeypatch, capsys):
-    r = load("vader-opensora.yaml", ("vpo_opensora", "vpo_hpsv2", "vpo_vader"), monkeypatch, capsys, "rollout")
+def test_vader_example_has_vaders_open_sora_settings():
+    r = load("vader-opensora.yaml", ("vpo_opensora", "vpo_hpsv2", "vpo_vader"), "rollout")
     (reward,) = r.rewards
     policy = r.policy.config
     assert policy.model == "hpcai-tech/OpenSora-STDiT-v3" and policy.num_frames == 51

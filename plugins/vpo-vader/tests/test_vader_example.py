@@ -10,18 +10,12 @@ ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "examples" / "vader-cogvideox-2b.yaml"
 
 
-def test_example_validates_with_vader_settings(monkeypatch, capsys):
+def test_example_validates_with_vader_settings():
     for plugin in ("vpo_cogvideox", "vpo_hpsv2", "vpo_vader"):
         pytest.importorskip(plugin)
-    from vpo_core.cli import main
-    from vpo_core.plugins import PluginManager
-    from vpo_core.spec import load_spec
+    from vpo_core.testing import validated_example
 
-    monkeypatch.chdir(ROOT)  # prompt files are relative to the repository root
-    assert main(["validate", str(EXAMPLE)]) == 0
-    assert "valid (rollout" in capsys.readouterr().out
-
-    r = load_spec(EXAMPLE, PluginManager())
+    r = validated_example(EXAMPLE, "rollout")
     (reward,) = r.rewards
     assert reward.part_type.name == "hpsv2" and list(r.objective.config.rewards) == [f"{reward.name}.score"]
     assert (r.policy.config.model, r.policy.config.num_inference_steps) == ("THUDM/CogVideoX-2b", 25)

@@ -10,21 +10,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def load(name, plugins, monkeypatch, capsys, mode):
+def load(name, plugins, mode):
     for plugin in plugins:
         pytest.importorskip(plugin)
-    from vpo_core.cli import main
-    from vpo_core.plugins import PluginManager
-    from vpo_core.spec import load_spec
+    from vpo_core.testing import validated_example
 
-    monkeypatch.chdir(ROOT)  # prompt files are relative to the repository root
-    assert main(["validate", str(ROOT / "examples" / name)]) == 0
-    assert f"valid ({mode}" in capsys.readouterr().out
-    return load_spec(ROOT / "examples" / name, PluginManager())
+    return validated_example(ROOT / "examples" / name, mode)
 
 
-def test_vader_example_has_vaders_videocrafter2_settings(monkeypatch, capsys):
-    r = load("vader-videocrafter2.yaml", ("vpo_videocrafter2", "vpo_hpsv2", "vpo_vader"), monkeypatch, capsys,
+def test_vader_example_has_vaders_videocrafter2_settings():
+    r = load("vader-videocrafter2.yaml", ("vpo_videocrafter2", "vpo_hpsv2", "vpo_vader"),
              "rollout")
     (reward,) = r.rewards
     policy = r.policy.config
@@ -41,8 +36,8 @@ def test_vader_example_has_vaders_videocrafter2_settings(monkeypatch, capsys):
     assert (t.learning_rate, t.prompts_per_step, t.gradient_accumulation_steps, t.steps) == (2e-4, 1, 8, 450)
 
 
-def test_videodpo_example_has_the_released_training_setting(monkeypatch, capsys):
-    r = load("videodpo-videocrafter2.yaml", ("vpo_videocrafter2", "vpo_videodpo"), monkeypatch, capsys, "offline pairs")
+def test_videodpo_example_has_the_released_training_setting():
+    r = load("videodpo-videocrafter2.yaml", ("vpo_videocrafter2", "vpo_videodpo"), "offline pairs")
     policy, objective, t = r.policy.config, r.objective.config, r.spec.train
     assert policy.model == "VideoCrafter/VideoCrafter2" and policy.full_finetune
     assert (policy.num_frames, policy.height, policy.width, policy.guidance_scale) == (16, 320, 512, 12.0)

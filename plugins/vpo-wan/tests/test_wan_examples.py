@@ -13,17 +13,12 @@ ROOT = Path(__file__).resolve().parents[3]
     ("onlinevpo-wan.yaml", ("vpo_videoscore", "vpo_onlinevpo"), "online pairs"),
     ("vader-wan.yaml", ("vpo_hpsv2", "vpo_vader"), "rollout"),
 ])
-def test_example_validates_on_wan_21_at_480p(name, plugins, mode, monkeypatch, capsys):
+def test_example_validates_on_wan_21_at_480p(name, plugins, mode):
     for plugin in plugins:
         pytest.importorskip(plugin)
-    from vpo_core.cli import main
-    from vpo_core.plugins import PluginManager
-    from vpo_core.spec import load_spec
+    from vpo_core.testing import validated_example
 
-    monkeypatch.chdir(ROOT)  # prompt files are relative to the repository root
-    assert main(["validate", str(ROOT / "examples" / name)]) == 0
-    assert f"valid ({mode}" in capsys.readouterr().out
-    resolved = load_spec(ROOT / "examples" / name, PluginManager())
+    resolved = validated_example(ROOT / "examples" / name, mode)
     policy = resolved.policy.config
     assert resolved.policy.part_type.name == "wan" and policy.model == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     assert (policy.num_frames, policy.height, policy.width, policy.num_inference_steps) == (49, 480, 832, 30)
