@@ -42,15 +42,15 @@ from vpo_core.report import mean_sem
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_SPEC = ROOT / "examples" / "quickstart.yaml"
-GROUND_TRUTH = "toy"
 GT_KEYS = ("toy.overall", "toy.color", "toy.direction", "toy.flicker")
 REWARDS = ("rewards=[{type: toyworld, name: toy}, {type: toyworld_video_proxy, name: vproxy}, "
            "{type: toyworld_image_proxy, name: iproxy}]")
 VIDEO_PROXY, IMAGE_PROXY = "vproxy.overall", "iproxy.overall"
 # GRPO as tuned in examples/grpo-toyworld.yaml: G = 8 trajectories per prompt, DDIM eta 1, only denoising steps
 # 0-2 stochastic and trained, lr 3e-4 (1e-3 drifts back on this world; plugins/vpo-grpo/README.md).
+GRPO_GROUP = 8
 GRPO = ["objective={type: grpo, noise_level: 1.0, sde_window: [0, 3], timestep_fraction: 1.0, clip_range: 1.0e-4, "
-        "rewards: {%s: 1.0}}" % VIDEO_PROXY, "train.candidates_per_prompt=8", "train.learning_rate=3.0e-4"]
+        "rewards: {%s: 1.0}}" % VIDEO_PROXY, f"train.candidates_per_prompt={GRPO_GROUP}", "train.learning_rate=3.0e-4"]
 VADER = ("objective={type: reward_gradient, cutoff: last, frames: all, rewards: {%s: {mode: maximize}}}"
          % VIDEO_PROXY)
 
@@ -103,7 +103,8 @@ def variants(s: Settings, p: int, n: int, k: int, grpo: bool) -> dict[str, Varia
         "vader": Variant("vader", s.vader, [VADER], videos_per_step=p, queries_per_step=p),
     }
     if grpo:
-        out["grpo"] = Variant("grpo", s.mid, GRPO, videos_per_step=p * 8, queries_per_step=p * 8)
+        out["grpo"] = Variant("grpo", s.mid, GRPO, videos_per_step=p * GRPO_GROUP,
+                              queries_per_step=p * GRPO_GROUP)
     return out
 
 
