@@ -516,7 +516,7 @@ class Trainer:
                 from .report import write_report
 
                 write_report(self.output_dir)
-            self.accelerator.wait_for_everyone()  # the processes leave together (see _cleanup)
+            self.accelerator.wait_for_everyone()  # no process ends while another still writes the report
             result.wall_time = time.time() - start
             return result
         except BaseException:
@@ -604,9 +604,7 @@ class Trainer:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            # Left to interpreter exit, gloo's threads can outlive it: the process aborts ("terminate called
-            # without an active exception", SIGABRT) and the launcher reports a finished run as failed.
-            dist.destroy_process_group()
+            dist.destroy_process_group()  # as torch asks; the process then ends with os._exit (cli._exit says why)
         if remove and self.output_dir.is_dir():
             shutil.rmtree(self.output_dir, ignore_errors=True)
 
