@@ -75,14 +75,47 @@ logging:
 """
 
 
-def validated_example(path: str | Path, mode: str):
+# A policy plugin's tests through the real loop: ``policy_loop_spec(out, policy, seed, ONLINE_DPO)`` (or
+# ``REWARD_GRADIENT``) trains ``policy`` (a YAML flow mapping) for 3 steps on the differentiable toy reward, with
+# checkpoints at step 2; ``trained_rows`` reads back the steps that trained.
+ONLINE_DPO = """\
+selector: {type: best_worst, key: toy.brightness, min_gap: 0.0}
+objective: {type: dpo, beta: 500, reference_update_every: 2}
+train: {steps: 3, prompts_per_step: 1, candidates_per_prompt: 3, learning_rate: 0.01}
+"""
+REWARD_GRADIENT = """\
+objective: {type: reward_gradient, cutoff: last, frames: one_random, rewards: {toy.brightness: {mode: maximize}}}
+train: {steps: 3, prompts_per_step: 1, gradient_accumulation_steps: 2, learning_rate: 0.05}
+"""
+
+
+def policy_loop_spec(out: str | Path, policy: str, seed: int, section: str) -> str:
+    return (f"output_dir: {out}\nseed: {seed}\npolicy: {policy}\nrewards: [{{type: toy_brightness, name: toy}}]\n"
+            "data:\n  prompts: [a cat running, a red car in the city, a dog on the beach]\n"
+            "checkpoint: {every: 2, keep_last: 3}\neval: {videos: 0}\nlogging: {trackers: []}\n" + section)
+
+
+def trained_rows(output_dir: Path) -> list[dict]:
+    """The metrics records of the steps that trained (not the start, not the final evaluation)."""
+    import json
+
+    rows = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("step", 0) > 0 and not r.get("final") and "loss" in r]
+
+
+def validated_example(path: str | Path, mode: str, needs: tuple[str, ...] = ()):
     """An example spec checked as ``vpo validate`` checks it, from the repository root its relative paths are
-    written against (``examples/`` lies in it), then resolved. Asserts that it validates in ``mode`` ("online
-    pairs", "rollout", ...); returns the ``ResolvedSpec``."""
+    written against (``examples/`` lies in it), then resolved. Skips the test when a plugin module in ``needs`` is
+    not installed; asserts that the spec validates in ``mode`` ("online pairs", "rollout", ...); returns the
+    ``ResolvedSpec``."""
     import contextlib
     import io
     import os
 
+    import pytest
+
+    for module in needs:
+        pytest.importorskip(module)
     from .cli import main
     from .plugins import PluginManager
     from .spec import load_spec

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
+from vpo_core.testing import validated_example
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "examples" / "onlinevpo-cogvideox-2b.yaml"
 
 
 def test_example_validates_with_the_paper_settings():
-    for plugin in ("vpo_cogvideox", "vpo_videoscore", "vpo_onlinevpo"):
-        pytest.importorskip(plugin)
-    from vpo_core.testing import validated_example
-
-    r = validated_example(EXAMPLE, "online pairs")
+    r = validated_example(EXAMPLE, "online pairs", needs=("vpo_cogvideox", "vpo_videoscore", "vpo_onlinevpo"))
     (reward,) = r.rewards
     assert (r.policy.config.model, r.policy.config.num_inference_steps) == ("THUDM/CogVideoX-2b", 30)
     assert reward.config.model == "TIGER-Lab/VideoScore-v1.1"

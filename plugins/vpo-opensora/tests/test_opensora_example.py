@@ -4,17 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
+from vpo_core.testing import validated_example
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
 def load(name, plugins, mode):
-    for plugin in plugins:
-        pytest.importorskip(plugin)
-    from vpo_core.testing import validated_example
-
-    return validated_example(ROOT / "examples" / name, mode)
+    return validated_example(ROOT / "examples" / name, mode, needs=plugins)
 
 
 def test_onlinevpo_example_has_the_paper_settings():

@@ -3,8 +3,6 @@ with the core's differentiable toy reward, and a resume that lands on the same w
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import vpo_core.testing
@@ -12,6 +10,7 @@ from safetensors.torch import load_file
 from vpo_core.loop import Trainer
 from vpo_core.plugins import PluginManager
 from vpo_core.spec import load_spec
+from vpo_core.testing import ONLINE_DPO, REWARD_GRADIENT, policy_loop_spec, trained_rows
 
 import vpo_opensora.plugin
 from vpo_opensora import build_tiny_opensora
@@ -21,26 +20,6 @@ vader = pytest.importorskip("vpo_vader.plugin")
 
 POLICY = ("{{type: opensora, model: {d}/transformer, vae: {d}/vae, text_encoder: {d}/text_encoder, num_frames: 17, "
           "height: 32, width: 32, num_inference_steps: 2, micro_batch_size: 3, lora: {{rank: 4, alpha: 4}}}}")
-COMMON = """\
-output_dir: {out}
-seed: 3
-policy: {policy}
-rewards: [{{type: toy_brightness, name: toy}}]
-data:
-  prompts: [a cat running, a red car in the city, a dog on the beach]
-checkpoint: {{every: 2, keep_last: 3}}
-eval: {{videos: 0}}
-logging: {{trackers: []}}
-"""
-ONLINE = COMMON + """\
-selector: {{type: best_worst, key: toy.brightness, min_gap: 0.0}}
-objective: {{type: dpo, beta: 500, reference_update_every: 2}}
-train: {{steps: 3, prompts_per_step: 1, candidates_per_prompt: 3, learning_rate: 0.01}}
-"""
-VADER = COMMON + """\
-objective: {{type: reward_gradient, cutoff: last, frames: one_random, rewards: {{toy.brightness: {{mode: maximize}}}}}}
-train: {{steps: 3, prompts_per_step: 1, gradient_accumulation_steps: 2, learning_rate: 0.05}}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -57,20 +36,15 @@ def pm():
     return manager
 
 
-def run(tmp_path, pm, tiny, template, *overrides, out="out", resume=False):
+def run(tmp_path, pm, tiny, section, *overrides, out="out", resume=False):
     spec = tmp_path / f"{out}.yaml"
-    spec.write_text(template.format(out=tmp_path / out, policy=POLICY.format(d=tiny)))
+    spec.write_text(policy_loop_spec(tmp_path / out, POLICY.format(d=tiny), 3, section))
     return Trainer(load_spec(spec, pm, list(overrides)), resume=resume, progress=False).run()
 
 
-def trained_rows(result):
-    rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r.get("step", 0) > 0 and not r.get("final") and "loss" in r]
-
-
 def test_onlinevpo_trains_open_sora_with_curriculum_and_resumes_to_the_same_weights(tmp_path, pm, tiny):
-    result = run(tmp_path, pm, tiny, ONLINE)
-    rows = trained_rows(result)
+    result = run(tmp_path, pm, tiny, ONLINE_DPO)
+    rows = trained_rows(result.output_dir)
     assert len(rows) == 3 and all(r["skipped"] == 0 and r["pairs"] == 1 for r in rows)
     assert [r["objective/reference_updated"] for r in rows] == [0, 1, 0]
     final = result.output_dir / "final"
@@ -79,16 +53,16 @@ def test_onlinevpo_trains_open_sora_with_curriculum_and_resumes_to_the_same_weig
     learner = {k: v for k, v in step2.items() if ".default." in k}
     assert learner and all(torch.equal(v, step2[k.replace(".default.", ".reference.")]) for k, v in learner.items())
 
-    run(tmp_path, pm, tiny, ONLINE, "train.steps=2", out="resumed")
-    resumed = run(tmp_path, pm, tiny, ONLINE, out="resumed", resume=True)
+    run(tmp_path, pm, tiny, ONLINE_DPO, "train.steps=2", out="resumed")
+    resumed = run(tmp_path, pm, tiny, ONLINE_DPO, out="resumed", resume=True)
     a = load_file(str(result.output_dir / "checkpoints" / "step-000003" / "policy.safetensors"))
     b = load_file(str(resumed.output_dir / "checkpoints" / "step-000003" / "policy.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
 def test_vader_reward_gradient_trains_open_sora_lora(tmp_path, pm, tiny):
-    result = run(tmp_path, pm, tiny, VADER)
-    rows = trained_rows(result)
+    result = run(tmp_path, pm, tiny, REWARD_GRADIENT)
+    rows = trained_rows(result.output_dir)
     assert len(rows) == 3 and all(r["skipped"] == 0 for r in rows)
     assert all(r["objective/decoded_frames"] == 1 and r["objective/grad_steps"] == 1 for r in rows)
     state = load_file(str(result.output_dir / "checkpoints" / "step-000002" / "policy.safetensors"))

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
+from vpo_core.testing import validated_example
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "examples" / "vader-cogvideox-2b.yaml"
 
 
 def test_example_validates_with_vader_settings():
-    for plugin in ("vpo_cogvideox", "vpo_hpsv2", "vpo_vader"):
-        pytest.importorskip(plugin)
-    from vpo_core.testing import validated_example
-
-    r = validated_example(EXAMPLE, "rollout")
+    r = validated_example(EXAMPLE, "rollout", needs=("vpo_cogvideox", "vpo_hpsv2", "vpo_vader"))
     (reward,) = r.rewards
     assert reward.part_type.name == "hpsv2" and list(r.objective.config.rewards) == [f"{reward.name}.score"]
     assert (r.policy.config.model, r.policy.config.num_inference_steps) == ("THUDM/CogVideoX-2b", 25)

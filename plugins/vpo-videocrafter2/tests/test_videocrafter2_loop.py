@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from vpo_core.loop import Trainer
 from vpo_core.plugins import PluginManager
 from vpo_core.spec import load_spec
+from vpo_core.testing import ONLINE_DPO, REWARD_GRADIENT, policy_loop_spec, trained_rows
 from vpo_core.video import write_video
 
 import vpo_videocrafter2.plugin
@@ -27,29 +28,9 @@ torch.set_num_threads(1)
 
 POLICY = ("{{type: videocrafter2, model: {d}, tokenizer: {d}/tokenizer, num_frames: 4, height: 16, width: 16, "
           "num_inference_steps: 4, micro_batch_size: 3, lora: {{rank: 4, alpha: 4}}{extra}}}")
-COMMON = """\
-output_dir: {out}
-seed: 1
-policy: {policy}
-rewards: [{{type: toy_brightness, name: toy}}]
-data:
-  prompts: [a cat running, a red car in the city, a dog on the beach]
-checkpoint: {{every: 2, keep_last: 3}}
-eval: {{videos: 0}}
-logging: {{trackers: []}}
-"""
-VIDEODPO = COMMON + """\
-objective: {{type: videodpo_dpo, beta: 500}}
-train: {{steps: 2, pairs_per_step: 2, learning_rate: 1.0e-4}}
-"""
-VADER = COMMON + """\
-objective: {{type: reward_gradient, cutoff: last, frames: one_random, rewards: {{toy.brightness: {{mode: maximize}}}}}}
-train: {{steps: 3, prompts_per_step: 1, gradient_accumulation_steps: 2, learning_rate: 0.05}}
-"""
-ONLINE = COMMON + """\
-selector: {{type: best_worst, key: toy.brightness, min_gap: 0.0}}
-objective: {{type: dpo, beta: 500, reference_update_every: 2}}
-train: {{steps: 3, prompts_per_step: 1, candidates_per_prompt: 3, learning_rate: 0.01}}
+VIDEODPO = """\
+objective: {type: videodpo_dpo, beta: 500}
+train: {steps: 2, pairs_per_step: 2, learning_rate: 1.0e-4}
 """
 
 
@@ -67,15 +48,10 @@ def pm():
     return manager
 
 
-def run(tmp_path, pm, tiny, template, *overrides, extra=""):
+def run(tmp_path, pm, tiny, section, *overrides, extra=""):
     spec = tmp_path / "spec.yaml"
-    spec.write_text(template.format(out=tmp_path / "out", policy=POLICY.format(d=tiny, extra=extra)))
+    spec.write_text(policy_loop_spec(tmp_path / "out", POLICY.format(d=tiny, extra=extra), 1, section))
     return Trainer(load_spec(spec, pm, list(overrides)), progress=False).run()
-
-
-def trained_rows(result):
-    rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r.get("step", 0) > 0 and not r.get("final") and "loss" in r]
 
 
 def released_layout(directory: Path) -> Path:
@@ -99,7 +75,7 @@ def test_videodpo_full_finetune_on_the_released_pair_layout(tmp_path, pm, tiny):
     layout = released_layout(tmp_path / "pairs")
     result = run(tmp_path, pm, tiny, VIDEODPO, f"data.pairs={layout}", "data.pairs_format=videodpo",
                  extra=", full_finetune: true")
-    rows = trained_rows(result)
+    rows = trained_rows(result.output_dir)
     assert len(rows) == 2 and all(r["skipped"] == 0 and r["pairs"] == 2 for r in rows)
     assert all("objective/implicit_accuracy" in r for r in rows)
     saved = load_file(str(result.output_dir / "final" / "unet.safetensors"))
@@ -110,8 +86,8 @@ def test_videodpo_full_finetune_on_the_released_pair_layout(tmp_path, pm, tiny):
 
 
 def test_vader_reward_gradient_trains_the_lora(tmp_path, pm, tiny):
-    result = run(tmp_path, pm, tiny, VADER)
-    rows = trained_rows(result)
+    result = run(tmp_path, pm, tiny, REWARD_GRADIENT)
+    rows = trained_rows(result.output_dir)
     assert len(rows) == 3 and all(r["skipped"] == 0 for r in rows)
     assert all(r["objective/decoded_frames"] == 1 and r["objective/grad_steps"] == 1 for r in rows)
     state = load_file(str(result.output_dir / "checkpoints" / "step-000002" / "policy.safetensors"))
@@ -121,8 +97,8 @@ def test_vader_reward_gradient_trains_the_lora(tmp_path, pm, tiny):
 
 
 def test_onlinevpo_trains_with_a_curriculum_reference(tmp_path, pm, tiny):
-    result = run(tmp_path, pm, tiny, ONLINE)
-    rows = trained_rows(result)
+    result = run(tmp_path, pm, tiny, ONLINE_DPO)
+    rows = trained_rows(result.output_dir)
     assert len(rows) == 3 and all(r["skipped"] == 0 and r["pairs"] == 1 for r in rows)
     assert [r["objective/reference_updated"] for r in rows] == [0, 1, 0]
     step2 = load_file(str(result.output_dir / "checkpoints" / "step-000002" / "policy.safetensors"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from vpo_core.testing import validated_example
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -14,11 +15,7 @@ ROOT = Path(__file__).resolve().parents[3]
     ("vader-wan.yaml", ("vpo_hpsv2", "vpo_vader"), "rollout"),
 ])
 def test_example_validates_on_wan_21_at_480p(name, plugins, mode):
-    for plugin in plugins:
-        pytest.importorskip(plugin)
-    from vpo_core.testing import validated_example
-
-    resolved = validated_example(ROOT / "examples" / name, mode)
+    resolved = validated_example(ROOT / "examples" / name, mode, needs=plugins)
     policy = resolved.policy.config
     assert resolved.policy.part_type.name == "wan" and policy.model == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     assert (policy.num_frames, policy.height, policy.width, policy.num_inference_steps) == (49, 480, 832, 30)
