@@ -1,14 +1,20 @@
 """Where a training step's time goes with 2 processes (DDP, LoRA) on the tiny CogVideoX: the model and rewards
-(sampling, decoding, forward/backward, scoring), gradient synchronisation, and the framework itself.
+(sampling, decoding, forward/backward, scoring), communication, and the framework itself.
 
     python bench/scaling.py                 # OnlineVPO, 2 processes, gloo on CPU (torchrun under the hood)
     python bench/scaling.py --steps 30 --processes 2
 
-Each run launches the same spec twice, side by side in one invocation: once as is, and once with DDP's gradient
-all-reduce switched off (`require_backward_grad_sync = False`, the weights then drift apart, which does not
-matter for timing). The difference of the mean step times is the synchronisation's share; the framework's share
-is a step's time minus the time spent inside the policy's sample/decode/denoising_loss, the rewards' score and
-the backward passes (measured in-process around those calls). Goals: framework <= 3% of a step, sync <= 5%.
+Each run launches the same spec three times, side by side in one invocation: on 1 process, on N processes, and on N
+processes with DDP's gradient all-reduce switched off (`require_backward_grad_sync = False`, the weights then drift
+apart, which does not matter for timing). Measured in-process around the calls, per step:
+- model + rewards: the policy's sample/decode/denoising_loss, the rewards' score and the backward passes;
+- collectives: the all-gather of the candidates' scores and the all-reduce of the step's metrics, including the
+  wait for the slowest process (its sampling may take longer: on this 2-core machine the two processes do not run
+  equally fast);
+- framework: the rest of the step (the optimizer step included).
+Gradient synchronisation is the difference of the mean backward times with and without DDP's all-reduce (the
+backward pass returns once it is done); whole step times differ between launches by more than that.
+Goals: framework <= 3% of a step, gradient synchronisation <= 5%.
 """
 
 from __future__ import annotations
@@ -48,9 +54,9 @@ def worker(spec: str, report: str, no_sync: bool) -> None:
     from vpo_core.plugins import PluginManager
     from vpo_core.spec import load_spec
 
-    spent = {"work": 0.0, "depth": 0}
+    spent = {"work": 0.0, "collectives": 0.0, "backward": 0.0, "depth": 0}
 
-    def timed(fn):  # only the outermost timed call counts (sample() calls decode(), for one)
+    def timed(fn, *kinds):  # only the outermost timed call counts (sample() calls decode(), for one)
         def run(*args, **kwargs):
             spent["depth"] += 1
             start = time.perf_counter()
@@ -59,7 +65,8 @@ def worker(spec: str, report: str, no_sync: bool) -> None:
             finally:
                 spent["depth"] -= 1
                 if not spent["depth"]:
-                    spent["work"] += time.perf_counter() - start
+                    for kind in kinds or ("work",):
+                        spent[kind] += time.perf_counter() - start
         return run
 
     trainer = Trainer(load_spec(spec, PluginManager()), progress=False)
@@ -70,7 +77,9 @@ def worker(spec: str, report: str, no_sync: bool) -> None:
         policy = trainer.policy
         for name in ("sample", "decode", "denoising_loss"):
             setattr(policy, name, timed(getattr(policy, name)))
-        trainer.accelerator.backward = timed(trainer.accelerator.backward)
+        trainer.accelerator.backward = timed(trainer.accelerator.backward, "work", "backward")
+        for name in ("gather", "reduce"):  # the step's only collectives besides DDP's (inside backward)
+            setattr(trainer.accelerator, name, timed(getattr(trainer.accelerator, name), "collectives"))
         if no_sync and trainer.world > 1:
             trainer.policy.trainable.forward_module.require_backward_grad_sync = False
         return latest
@@ -80,10 +89,10 @@ def worker(spec: str, report: str, no_sync: bool) -> None:
     steps, train_step = [], trainer.train_step
 
     def step(n):
-        spent["work"] = 0.0
+        spent.update(work=0.0, collectives=0.0, backward=0.0)
         start = time.perf_counter()
         out = train_step(n)
-        steps.append((time.perf_counter() - start, spent["work"]))
+        steps.append((time.perf_counter() - start, spent["work"], spent["collectives"], spent["backward"]))
         return out  # (metrics, skip reason)
 
     trainer.train_step = step
@@ -105,11 +114,10 @@ def launch(processes: int, steps: int, no_sync: bool, tmp: Path, model: str) -> 
     return json.loads(report.read_text())
 
 
-def summary(report: dict) -> tuple[float, float]:
+def summary(report: dict) -> tuple[float, float, float, float]:
+    """Mean step time, model + rewards time, collectives time and backward time."""
     steps = report["steps"]
-    total = sum(s for s, _ in steps) / len(steps)
-    work = sum(w for _, w in steps) / len(steps)
-    return total, work
+    return tuple(sum(column) / len(steps) for column in zip(*steps))
 
 
 def main() -> int:
@@ -131,13 +139,17 @@ def main() -> int:
                                                    args.processes, True)):
             rows[label] = summary(launch(processes, args.steps, no_sync, tmp, model))
     print(f"tiny CogVideoX (LoRA), OnlineVPO, {args.steps} steps (the first 2 left out), 1 thread per process\n")
-    print("| run | step (ms) | model + rewards + backward (ms) | framework share |")
-    print("|---|---|---|---|")
-    for label, (total, work) in rows.items():
-        print(f"| {label} | {1000 * total:.1f} | {1000 * work:.1f} | {(total - work) / total:.1%} |")
-    synced, unsynced = rows[f"{args.processes} processes"][0], rows[f"{args.processes} processes, no gradient sync"][0]
-    print(f"\ngradient synchronisation: {(synced - unsynced) / synced:.1%} of a {args.processes}-process step "
-          f"({1000 * (synced - unsynced):.1f} ms)")
+    print("| run | step (ms) | model + rewards (ms) | collectives (ms) | framework (ms) | framework share |")
+    print("|---|---|---|---|---|---|")
+    for label, (total, work, collectives, _) in rows.items():
+        framework = total - work - collectives
+        print(f"| {label} | {1000 * total:.1f} | {1000 * work:.1f} | {1000 * collectives:.1f} | "
+              f"{1000 * framework:.1f} | {framework / total:.1%} |")
+    n = args.processes
+    synced, unsynced = rows[f"{n} processes"], rows[f"{n} processes, no gradient sync"]
+    sync = synced[3] - unsynced[3]
+    print(f"\ngradient synchronisation: {sync / synced[0]:.1%} of a {n}-process step ({1000 * sync:.1f} ms: backward "
+          f"{1000 * synced[3]:.1f} ms with DDP's all-reduce, {1000 * unsynced[3]:.1f} ms without)")
     return 0
 
 

@@ -70,6 +70,30 @@ def test_two_runs_racing_for_one_directory_exactly_one_runs(tmp_path):
     assert steps == [0, 1, 2, 3, 4, 5, 6, 6]  # one run's records, not two interleaved
 
 
+def test_a_run_that_made_the_directory_but_lost_the_lock_leaves_the_winners_files(tmp_path, toy_env, capsys,
+                                                                                  monkeypatch):
+    """The race behind a rare failure of the test above: run A makes the directory, run B locks it first, A fails
+    before its first step and used to remove the directory it made, with B's files in it."""
+    from vpo_core import checkpoint
+
+    real, winner = checkpoint.RunLock, []
+
+    def other_run_locks_first(directory):
+        winner.append(real(directory))  # run B, between A's mkdir and A's lock
+        (directory / "metrics.jsonl").write_text("run B's record\n")
+        return real(directory)
+
+    monkeypatch.setattr(checkpoint, "RunLock", other_run_locks_first)
+    assert main(["run", str(spec_file(tmp_path)), "--no-progress"]) == 2
+    assert "is in use by another vpo run (pid" in capsys.readouterr().err
+    assert (tmp_path / "out" / "metrics.jsonl").read_text() == "run B's record\n"
+    winner[0].release()
+    # and the other way round: a directory removed between this run's mkdir and its lock is named, not a traceback
+    monkeypatch.setattr(checkpoint, "RunLock", lambda directory: (directory.rmdir(), real(directory))[1])
+    assert main(["run", str(spec_file(tmp_path, **{"/out": "/other"})), "--no-progress"]) == 2
+    assert "was removed while this run started" in capsys.readouterr().err
+
+
 def test_the_lock_names_its_holder_and_dies_with_it(tmp_path, toy_env, capsys):
     from vpo_core.checkpoint import RunLock
 

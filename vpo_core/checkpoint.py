@@ -180,7 +180,11 @@ class RunLock:
         import fcntl
 
         self.path = Path(directory) / ".vpo.lock"
-        self._fh = open(self.path, "a+")
+        try:
+            self._fh = open(self.path, "a+")
+        except FileNotFoundError:  # between this run's mkdir and here, a run that made it failed and removed it
+            raise SpecError(f"output_dir '{directory}' was removed while this run started (another run that had made "
+                            f"it failed before its first step); start this run again") from None
         try:
             fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

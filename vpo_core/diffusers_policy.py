@@ -214,6 +214,7 @@ class DiffusersVideoPolicy(TrainablePolicy):
         if self.config.gradient_checkpointing:
             for name in trained:
                 self.denoisers[name].enable_gradient_checkpointing()
+        self._dtype = next(iter(self.denoisers.values())).dtype
         self.to(self.device)
 
     def _denoiser(self, name: str = "transformer"):
@@ -226,8 +227,9 @@ class DiffusersVideoPolicy(TrainablePolicy):
 
     @property
     def dtype(self) -> torch.dtype:
-        """Dtype of the denoiser inputs (as in the stock pipelines)."""
-        return next(iter(self.denoisers.values())).dtype
+        """Dtype of the denoiser inputs (as in the stock pipelines), read once after set-up: diffusers' ``dtype``
+        walks every module, and sampling asks for it at every denoising step."""
+        return self._dtype
 
     @property
     def latent_dtype(self) -> torch.dtype:
@@ -277,17 +279,6 @@ class DiffusersVideoPolicy(TrainablePolicy):
         if len(prompts) != len(seeds):
             raise VpoError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per row.")
 
-    @contextlib.contextmanager
-    def _sampling_mode(self):
-        """Eval mode while sampling: a row must not depend on dropout draws."""
-        module = self.trainable.forward_module
-        mode = module.training
-        module.eval()
-        try:
-            yield
-        finally:
-            module.train(mode)
-
     def _grad_steps(self, window: GradientWindow | None, seeds: list[int], steps: int) -> int:
         from .data import derive_seed
 
@@ -326,7 +317,7 @@ class DiffusersVideoPolicy(TrainablePolicy):
         """One video per (prompt, seed) row, ``micro_batch_size`` rows denoised together."""
         self._check_rows(prompts, seeds)
         grad_steps = self._grad_steps(gradient, seeds, self.config.num_inference_steps)
-        with self._sampling_mode():
+        with self.eval_mode():
             latents = torch.cat([self._denoise(prompts[rows], seeds[rows], grad_steps, gradient)
                                  for rows in iter_chunks(len(prompts), self.config.micro_batch_size)])
         frames = self._decode_rows(latents) if decode and gradient is None else None
@@ -382,7 +373,7 @@ class DiffusersVideoPolicy(TrainablePolicy):
                           decode: bool = True) -> Trajectory:
         """``sample``'s sampler with Gaussian transitions inside ``settings.window``, every state recorded."""
         self._check_rows(prompts, seeds)
-        with self._sampling_mode(), torch.no_grad():
+        with self.eval_mode(), torch.no_grad():
             parts = [self._trajectory_rows(prompts[rows], seeds[rows], settings)
                      for rows in iter_chunks(len(prompts), self.config.micro_batch_size)]
         latents = torch.cat([part[0] for part in parts])

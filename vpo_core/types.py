@@ -201,7 +201,7 @@ class Policy(Protocol):
 
 class TrainablePolicy:
     """Policy methods that only forward to ``self.trainable`` (a policy sets it in ``__init__``): the optimizer's
-    parameters, the reference, checkpoints, train mode."""
+    parameters, the reference, checkpoints, train mode (sample inside ``eval_mode()``)."""
 
     trainable: TrainableModule
 
@@ -227,8 +227,12 @@ class TrainablePolicy:
         self.trainable.load_state_dict(state, f"{type(self).__name__}")
 
     def train(self, mode: bool = True) -> "TrainablePolicy":
-        self.trainable.module.train(mode)
+        self.trainable.train(mode)
         return self
+
+    def eval_mode(self) -> contextlib.AbstractContextManager[None]:
+        """Eval mode inside, the previous mode after (sampling without dropout draws)."""
+        return self.trainable.eval_mode()
 
 
 # ----------------------------------------------------------------------------------------------- rewards

@@ -200,14 +200,9 @@ class OpenSoraPolicy(TrainablePolicy):
         """One video per (prompt, seed) row, ``micro_batch_size`` rows denoised together."""
         self._check_rows(prompts, seeds)
         grad_steps = self._grad_steps(gradient, seeds)
-        module = self.trainable.module
-        was_training = module.training
-        module.eval()
-        try:
+        with self.eval_mode():
             latents = torch.cat([self._sample_rows(prompts[rows], seeds[rows], grad_steps, gradient)
                                  for rows in iter_chunks(len(prompts), self.config.micro_batch_size)])
-        finally:
-            module.train(was_training)
         frames = self._decode_rows(latents) if decode and gradient is None else None
         return Rollout(latents=latents, prompts=list(prompts), seeds=list(seeds), frames=frames,
                        extras={"grad_steps": grad_steps})
@@ -258,11 +253,8 @@ class OpenSoraPolicy(TrainablePolicy):
         steps = list(range(max(0, start), min(count, end)))
         sigmas = torch.cat([timesteps / 1000, torch.zeros(1)])
         sigma_max = self._sigma_max(timesteps)
-        module = self.trainable.module
-        was_training = module.training
-        module.eval()
         chains, log_probs = [], []
-        try:
+        with self.eval_mode():
             for rows in iter_chunks(len(prompts), self.config.micro_batch_size):
                 caption, mask = self.embed_prompts(prompts[rows])
                 generators = row_generators(seeds[rows])
@@ -280,8 +272,6 @@ class OpenSoraPolicy(TrainablePolicy):
                     states.append(latents)
                 chains.append(torch.stack(states, dim=1))
                 log_probs.append(row_log_probs)
-        finally:
-            module.train(was_training)
         chain = torch.cat(chains)
         frames = self._decode_rows(chain[:, -1]) if decode else None
         return Trajectory(latents=chain, log_probs=torch.cat(log_probs), steps=steps, prompts=list(prompts),

@@ -15,7 +15,6 @@ with ``scale`` falling from 1 to 0.7 over the first 400 timesteps, so each step 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import OrderedDict
 from pathlib import Path
@@ -124,18 +123,6 @@ class VideoCrafter2Policy(TrainablePolicy):
         self.schedule.to(self.device)
         return self
 
-    @contextlib.contextmanager
-    def _eval_mode(self):
-        """Sampling and transitions without dropout (LVDM's temporal convs have 0.1): a row must not depend on
-        dropout draws, and a recomputed transition must equal the sampled one."""
-        module = self.trainable.forward_module
-        was_training = module.training
-        module.eval()
-        try:
-            yield
-        finally:
-            module.train(was_training)
-
     # ------------------------------------------------------------------------------------------- text
     @torch.no_grad()
     def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -226,7 +213,7 @@ class VideoCrafter2Policy(TrainablePolicy):
         steps = len(self.timesteps)
         grad_steps = self._window_steps(gradient, seeds)
         etas = [self.config.eta] * steps
-        with self._eval_mode():
+        with self.eval_mode():
             latents = torch.cat([
                 self._denoise(prompts[rows], seeds[rows], etas, steps - grad_steps if grad_steps else None,
                               gradient is not None and gradient.checkpointing)[0][-1]
@@ -252,7 +239,7 @@ class VideoCrafter2Policy(TrainablePolicy):
         stochastic = [i for i in range(steps) if start <= i < end and settings.noise_level > 0]
         etas = [settings.noise_level if i in stochastic else 0.0 for i in range(steps)]
         states, log_probs = [], []
-        with self._eval_mode():
+        with self.eval_mode():
             for rows in iter_chunks(len(prompts), self.config.micro_batch_size):
                 chain, densities = self._denoise(prompts[rows], seeds[rows], etas)
                 states.append(torch.stack(chain, dim=1))
@@ -272,7 +259,7 @@ class VideoCrafter2Policy(TrainablePolicy):
         t = trajectory.extras["timesteps"][index].to(self.device)
         t_prev = trajectory.extras["prev_timesteps"][index].to(self.device)
         embeds = self.embed_prompts([trajectory.prompts[row] for row in rows])
-        with self._eval_mode():
+        with self.eval_mode():
             eps = self._eps(x, t, embeds, self.config.fps, self.config.guidance_scale)
         mean, std = self._ddim(x, eps, t, t_prev, trajectory.settings.noise_level)
         target = trajectory.latents[rows, index + 1].to(self.device)
