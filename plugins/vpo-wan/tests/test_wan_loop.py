@@ -12,23 +12,13 @@ from safetensors.torch import load_file
 from vpo_core.loop import Trainer
 from vpo_core.plugins import PluginManager
 from vpo_core.spec import load_spec
+from vpo_core.testing import policy_loop_spec
 
 import vpo_wan.plugin
 from vpo_wan import build_tiny_wan
 
 PARTS = {"toy": vpo_core.testing, "wan": vpo_wan.plugin, "onlinevpo": pytest.importorskip("vpo_onlinevpo.plugin"),
          "vader": pytest.importorskip("vpo_vader.plugin")}
-SPEC = """\
-output_dir: {out}
-seed: 4
-policy: {{type: wan, model: {model}, num_frames: 9, height: 32, width: 32, num_inference_steps: 4,
-          micro_batch_size: 2, lora: {{rank: 4}}}}
-rewards: [{{type: toy_brightness, name: toy}}]
-data: {{prompts: [a cat running, a red car in the city, a bird flying]}}
-checkpoint: {{every: 0}}
-eval: {{videos: 0}}
-logging: {{trackers: []}}
-"""
 PAIRS = """\
 selector: {type: best_worst, key: toy.brightness, min_gap: 0.0}
 objective: {type: dpo, beta: 500, reference_update_every: 0}
@@ -51,7 +41,9 @@ def train(tmp_path, model, section):
     for name, module in PARTS.items():
         manager.register_plugin(module, name)
     spec = tmp_path / "spec.yaml"
-    spec.write_text(SPEC.format(out=tmp_path / "run", model=model) + section)
+    policy = (f"{{type: wan, model: {model}, num_frames: 9, height: 32, width: 32, num_inference_steps: 4, "
+              "micro_batch_size: 2, lora: {rank: 4}}")
+    spec.write_text(policy_loop_spec(tmp_path / "run", policy, 4, section))
     result = Trainer(load_spec(spec, manager), progress=False).run()
     lines = (result.output_dir / "metrics.jsonl").read_text().splitlines()
     steps = [row for row in map(json.loads, lines) if row.get("step", 0) > 0 and "loss" in row and not row.get("final")]
