@@ -144,6 +144,59 @@ def test_too_many_nonfinite_stops_with_checkpoint(toy_spec, toy_pm):
     assert (toy_spec.parent / "out" / "checkpoints" / "step-000003").is_dir()
 
 
+@pytest.fixture
+def fp16_loss_scaler(monkeypatch):
+    """What ``Accelerator(mixed_precision="fp16")`` sets up on a GPU, which accelerate refuses on CPUs: fp16
+    autocast and a dynamic loss scaler. It starts at 4096, where the toy run's fp16 gradients overflow."""
+    import vpo_core.loop as loop
+    from accelerate.state import AcceleratorState
+
+    build = loop.make_accelerator
+
+    def with_scaler(resolved, output_dir):
+        accelerator = build(resolved, output_dir)
+        accelerator.state._mixed_precision, accelerator.native_amp = "fp16", True
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=4096.0)
+        return accelerator
+
+    monkeypatch.setattr(loop, "make_accelerator", with_scaler)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_fp16_overflow_lowers_the_loss_scale_and_resumes_with_it(toy_spec, toy_pm, fp16_loss_scaler):
+    from vpo_core.report import SKIP_REASONS, terminal_summary
+    from vpo_core.loop import Skip
+
+    assert set(SKIP_REASONS) == {reason.value for reason in Skip}  # the report explains every reason
+    # overflows are the scaler's routine: they do not count towards the non-finite limit
+    settings = ("safety.max_consecutive_nonfinite=1", "checkpoint.every=1", "checkpoint.keep_last=10")
+    result = run_spec(toy_spec, toy_pm, *settings)
+    rows = {r["step"]: r for r in metrics(result.output_dir) if not r.get("final")}
+    reasons = [rows[step].get("skip_reason") for step in range(1, 7)]
+    assert reasons[:3] == ["fp16_overflow"] * 3 and None in reasons[3:], reasons
+    overflows = reasons.count("fp16_overflow")
+    assert result.counters["skipped_fp16_overflow"] == overflows == rows[6]["skipped_fp16_overflow"]
+    assert result.counters["skipped_nonfinite"] == 0
+    ck = result.output_dir / "checkpoints"
+    w1, w3 = (load_file(str(ck / f"step-00000{i}" / "policy.safetensors")) for i in (1, 3))
+    assert all(torch.equal(w1[k], w3[k]) for k in w1)  # the scaler skipped the updates
+    scales = [json.loads((ck / f"step-00000{i}" / "state.json").read_text())["loss_scaler"]["scale"]
+              for i in range(1, 7)]
+    assert scales[:3] == [2048.0, 1024.0, 512.0]  # halved at each overflow
+    assert "overflowed in fp16" in terminal_summary(result)
+    assert "overflowed in fp16" in (result.output_dir / "report.html").read_text()
+    # resumed at step 3 with the scale it had reached (a fresh scaler would overflow again at step 4)
+    resumed_spec = toy_spec.parent / "resumed.yaml"
+    resumed_spec.write_text(toy_spec.read_text().replace(str(toy_spec.parent / "out"), str(toy_spec.parent / "r")))
+    run_spec(resumed_spec, toy_pm, *settings, "train.steps=3")
+    resumed = run_spec(resumed_spec, toy_pm, *settings, resume=True)
+    assert resumed.counters == result.counters
+    final, again = (load_file(str(out / "checkpoints" / "step-000006" / "policy.safetensors"))
+                    for out in (result.output_dir, resumed.output_dir))
+    assert all(torch.equal(final[k], again[k]) for k in final)
+
+
 def test_existing_output_needs_resume(toy_spec, toy_env, capsys):
     assert main(["run", str(toy_spec), "--no-progress", "--set", "train.steps=2"]) == 0
     out = toy_spec.parent / "out"

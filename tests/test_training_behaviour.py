@@ -118,6 +118,17 @@ def test_each_step_and_micro_step_draws_fresh_noise_and_a_resume_redraws_the_sam
 
 
 # ----------------------------------------------------------------------------------------------- 7
+def test_data_order_is_a_stream_of_epoch_permutations_read_from_any_position():
+    from vpo_core.data import ordered_indices
+
+    stream = ordered_indices(5, 7, 0, 15)  # three epochs
+    assert all(sorted(stream[e * 5:(e + 1) * 5]) == list(range(5)) for e in range(3))
+    assert len({tuple(stream[e * 5:(e + 1) * 5]) for e in range(3)}) > 1  # each epoch reshuffled
+    pieces = [ordered_indices(5, 7, start, count) for start, count in ((0, 3), (3, 4), (7, 1), (8, 7))]
+    assert [i for piece in pieces for i in piece] == stream  # any split (micro-steps, processes, a resume)
+    assert ordered_indices(5, 8, 0, 15) != stream
+
+
 def test_checkpoint_rng_state_round_trip():
     from vpo_core.checkpoint import rng_state, set_rng_state
 

@@ -13,6 +13,7 @@ DIR/groups/000012.json             {"prompt", "seeds", "scores": {key: [N]}, "pa
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -70,11 +71,18 @@ def ordered_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     pos = start
     while len(out) < count:
         epoch, offset = divmod(pos, n)
-        perm = np.random.default_rng(derive_seed(seed, "epoch", epoch)).permutation(n)
+        perm = _epoch_order(n, seed, epoch)
         take = min(count - len(out), n - offset)
         out.extend(int(i) for i in perm[offset:offset + take])
         pos += take
     return out
+
+
+@functools.lru_cache(maxsize=2)  # every micro-step reads the same epoch (two at its end): 12 ms each for 1M prompts
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    order = np.random.default_rng(derive_seed(seed, "epoch", epoch)).permutation(n)
+    order.flags.writeable = False  # shared by every call
+    return order
 
 
 # ----------------------------------------------------------------------------------------------- pairs

@@ -49,6 +49,7 @@ class Skip(enum.Enum):
 
     NO_PAIRS = "no_pairs"  # every prompt's candidates tied within the selector's min_gap
     NONFINITE = "nonfinite"  # a reward, loss or gradient was not finite
+    FP16_OVERFLOW = "fp16_overflow"  # fp16 gradients overflowed: the loss scaler skipped the update, lowered its scale
 
 
 @dataclass
@@ -311,11 +312,14 @@ class Trainer:
             norm = self.accelerator.clip_grad_norm_(self.params, t.max_grad_norm or math.inf) \
                 if reason is None else None
             if norm is not None and not math.isfinite(float(norm)):
-                reason = Skip.NONFINITE
+                # with fp16's loss scaler that is its routine overflow, which its step() turns into a lower scale
+                reason = Skip.NONFINITE if self.optimizer.scaler is None else Skip.FP16_OVERFLOW
             if reason is None:
                 metrics["grad_norm"] = float(norm)
                 self._stepper.step()
                 self.scheduler.step()
+            elif reason is Skip.FP16_OVERFLOW:
+                self._stepper.step()  # the scaler leaves the weights untouched
             self._stepper.zero_grad(set_to_none=True)  # no gradients are held between steps (or kept by a skip)
             if reason is not None:
                 break
@@ -376,8 +380,8 @@ class Trainer:
         """This process's scores -> every process's, as {key: [P, N]} (one all-gather for all keys)."""
         keys = list(scores)
         stacked = torch.stack([scores[k].reshape(prompts, candidates) for k in keys], dim=1)  # [p, K, N]
-        if self.world > 1:
-            stacked = self.accelerator.gather(stacked.contiguous())
+        if self.world > 1:  # on the engine's device (NCCL gathers only CUDA tensors; a policy may decode to the CPU)
+            stacked = self.accelerator.gather(stacked.to(self.accelerator.device).contiguous())
         return {k: stacked[:, i] for i, k in enumerate(keys)}
 
     # ------------------------------------------------------------------------------------------ eval
@@ -437,6 +441,8 @@ class Trainer:
         policy_state = self.policy.state_dict_for_checkpoint()  # every process: gathers FSDP shards
         optim_state = get_optimizer_state_dict(self.policy.trainable.module, self.optimizer.optimizer,
                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.optimizer.scaler is not None:  # fp16: the loss scale found so far (a fresh one overflows again)
+            state = {**state, "loss_scaler": self.optimizer.scaler.state_dict()}
         if self.main:
             ckpt.save_checkpoint(self.output_dir, step, policy_state=policy_state, optimizer_state=optim_state,
                                  scheduler_state=self.scheduler.state_dict(), trainer_state=state,
@@ -453,6 +459,8 @@ class Trainer:
         set_optimizer_state_dict(self.policy.trainable.module, self.optimizer.optimizer, data["optimizer"],
                                  options=StateDictOptions(full_state_dict=self.world > 1))
         self.scheduler.load_state_dict(data["scheduler"])
+        if self.optimizer.scaler is not None and state.get("loss_scaler"):
+            self.optimizer.scaler.load_state_dict(state["loss_scaler"])
         if self.allow_spec_change:  # the new spec's optimizer settings apply for real, learning rate included
             t = self.spec.train
             self.scheduler.base_lrs = [t.learning_rate for _ in self.scheduler.base_lrs]
@@ -494,7 +502,7 @@ class Trainer:
         self.created_dir, self.trained, failed_early = False, False, False
         try:
             latest = self._setup()
-            start_step, counters = 0, {"skipped_nonfinite": 0, "skipped_no_pairs": 0, "consecutive_nonfinite": 0}
+            start_step, counters = 0, {**{f"skipped_{reason.value}": 0 for reason in Skip}, "consecutive_nonfinite": 0}
             if latest is not None:
                 state = self._restore(latest)
                 start_step = state["step"]
@@ -547,8 +555,8 @@ class Trainer:
                         if reason is Skip.NONFINITE else 0
                     if reason is not None:
                         counters[f"skipped_{reason.value}"] += 1
-                    metrics.update({"step_time": time.time() - t0, "skipped_nonfinite": counters["skipped_nonfinite"],
-                                    "skipped_no_pairs": counters["skipped_no_pairs"]})
+                    metrics.update({"step_time": time.time() - t0, **{k: v for k, v in counters.items()
+                                                                      if k.startswith("skipped_")}})
                     if self.spec.eval.every and step % self.spec.eval.every == 0 and step != steps:
                         metrics.update(self.evaluate(step))
                     self._log({"step": step, **metrics})

@@ -10,6 +10,10 @@ from pathlib import Path
 from typing import Any
 
 TOTAL_MEANING = "total = Σ over rewards of weight × mean of that reward's dimensions"
+# why a step trained nothing (the loop's Skip values)
+SKIP_REASONS = {"no_pairs": "found no pair (every prompt's candidates tied within the selector's min_gap)",
+                "nonfinite": "had a non-finite reward, loss or gradient",
+                "fp16_overflow": "overflowed in fp16 (the loss scaler lowered its scale and skipped the update)"}
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -105,9 +109,10 @@ def write_report(output_dir: Path) -> Path:
     per_step(["loss"], "loss.png", "Objective loss per step", "loss (objective's units)")
     skipped = [m for m in metrics if m.get("skipped")]
     if skipped:
-        reasons = {r: sum(m.get("skip_reason") == r for m in skipped) for r in ("no_pairs", "nonfinite")}
-        sections.append(f"<p>{len(skipped)} of {len(metrics)} steps trained nothing: {reasons['no_pairs']} found no "
-                        f"pair, {reasons['nonfinite']} had a non-finite reward, loss or gradient.</p>")
+        why = [f"{n} {text}" for reason, text in SKIP_REASONS.items()
+               if (n := sum(m.get("skip_reason") == reason for m in skipped))]
+        sections.append(f"<p>{len(skipped)} of {len(metrics)} steps trained nothing: "
+                        f"{html.escape('; '.join(why))}.</p>")
 
     evals = _read_jsonl(output_dir / "eval.jsonl")
     if len(evals) > 1:
@@ -200,11 +205,9 @@ def terminal_summary(result: Any) -> str:
     out, counters = Path(result.output_dir), result.counters
     minutes, seconds = divmod(int(result.wall_time), 60)
     lines = [f"vpo: done: {result.steps_done} steps in {minutes} min {seconds} s"]
-    skipped = counters.get("skipped_no_pairs", 0) + counters.get("skipped_nonfinite", 0)
-    if skipped:
-        why = [f"{n} found no pair (every prompt's candidates tied within the selector's min_gap)" if key ==
-               "skipped_no_pairs" else f"{n} had a non-finite reward, loss or gradient"
-               for key in ("skipped_no_pairs", "skipped_nonfinite") if (n := counters.get(key, 0))]
+    why = [f"{n} {text}" for reason, text in SKIP_REASONS.items() if (n := counters.get(f"skipped_{reason}", 0))]
+    if why:
+        skipped = sum(counters.get(f"skipped_{reason}", 0) for reason in SKIP_REASONS)
         lines.append(f"  {skipped} of {result.steps_done} steps trained nothing: {'; '.join(why)}")
     summary = summarize_eval(out)
     if summary:
