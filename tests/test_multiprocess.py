@@ -4,16 +4,13 @@ only the main process writes, resume works across process counts, a crash on one
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from vpo_core.testing import TOY_SPEC
+from vpo_core.testing import TOY_SPEC, launch_run
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 
@@ -42,22 +39,6 @@ def vpo_register_rewards(register):
 '''
 
 
-def env(tmp_path: Path, **extra: str) -> dict:
-    out = dict(os.environ, VPO_EXTRA_PLUGINS="vpo_core.testing", VPO_LOAD_PLUGINS="none", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    out.update(extra)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        out.pop(key, None)
-    return out
-
-
-def launch(spec: Path, out: Path, processes: int, *args: str, **extra: str) -> subprocess.CompletedProcess:
-    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] \
-        if processes > 1 else [sys.executable]
-    return subprocess.run([*head, "-m", "vpo_core.cli", "run", str(spec), "--no-progress", "--output-dir", str(out),
-                           *args], env=env(spec.parent, **extra), capture_output=True, text=True, timeout=600)
-
-
 def toy_spec(tmp_path: Path, text: str = TOY_SPEC) -> Path:
     path = tmp_path / "spec.yaml"
     path.write_text(text.format(out=tmp_path / "unused"))
@@ -77,7 +58,7 @@ def evals(out: Path) -> list[dict]:
 
 def test_ddp_two_processes_equal_one_and_only_the_main_process_writes(tmp_path):
     spec = toy_spec(tmp_path)
-    one, two = launch(spec, tmp_path / "one", 1), launch(spec, tmp_path / "two", 2)
+    one, two = launch_run(spec, tmp_path / "one", 1), launch_run(spec, tmp_path / "two", 2)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     assert_same_weights(tmp_path / "one" / "final" / "toy.safetensors", tmp_path / "two" / "final" / "toy.safetensors")
@@ -97,21 +78,21 @@ def test_rollout_mode_with_ddp_equals_one_process(tmp_path):
     spec = toy_spec(tmp_path)
     args = ("--set", "objective={type: toy_reward_gradient, last_steps: 2}", "--set", "train.steps=3",
             "--set", "train.learning_rate=0.05")
-    one, two = launch(spec, tmp_path / "one", 1, *args), launch(spec, tmp_path / "two", 2, *args)
+    one, two = launch_run(spec, tmp_path / "one", 1, *args), launch_run(spec, tmp_path / "two", 2, *args)
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     assert_same_weights(tmp_path / "one" / "final" / "toy.safetensors", tmp_path / "two" / "final" / "toy.safetensors")
 
 
 def test_fsdp2_equals_one_process_and_resumes_on_another_process_count(tmp_path):
     spec = toy_spec(tmp_path)
-    one = launch(spec, tmp_path / "one", 1)
-    sharded = launch(spec, tmp_path / "two", 2, ACCELERATE_USE_FSDP="true")
+    one = launch_run(spec, tmp_path / "one", 1)
+    sharded = launch_run(spec, tmp_path / "two", 2, ACCELERATE_USE_FSDP="true")
     assert one.returncode == 0 and sharded.returncode == 0, sharded.stderr
     assert_same_weights(tmp_path / "one" / "final" / "toy.safetensors", tmp_path / "two" / "final" / "toy.safetensors")
     # 4 steps sharded over 2 processes, then resumed on 1: the checkpoint is consolidated, the trajectory the same
-    first = launch(spec, tmp_path / "mixed", 2, "--set", "train.steps=4", ACCELERATE_USE_FSDP="true")
+    first = launch_run(spec, tmp_path / "mixed", 2, "--set", "train.steps=4", ACCELERATE_USE_FSDP="true")
     assert first.returncode == 0, first.stderr
-    resumed = launch(spec, tmp_path / "mixed", 1, "--resume")
+    resumed = launch_run(spec, tmp_path / "mixed", 1, "--resume")
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
     assert_same_weights(tmp_path / "one" / "final" / "toy.safetensors",
                         tmp_path / "mixed" / "final" / "toy.safetensors")
@@ -120,6 +101,6 @@ def test_fsdp2_equals_one_process_and_resumes_on_another_process_count(tmp_path)
 def test_a_crash_on_one_rank_ends_every_rank_naming_it(tmp_path):
     (tmp_path / "crashing_reward.py").write_text(CRASHING_REWARD)
     spec = toy_spec(tmp_path, TOY_SPEC.replace("  - type: toy_brightness", "  - type: crashing"))
-    done = launch(spec, tmp_path / "out", 2, VPO_EXTRA_PLUGINS="vpo_core.testing,crashing_reward")
+    done = launch_run(spec, tmp_path / "out", 2, VPO_EXTRA_PLUGINS="vpo_core.testing,crashing_reward")
     assert done.returncode != 0
     assert "vpo [rank 1]: reward 'crashing'" in done.stderr and "sensor on fire" in done.stderr

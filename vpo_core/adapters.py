@@ -2,7 +2,8 @@
 reference that DPO and GRPO's KL term compare against, without a second copy of the model under LoRA:
 
 * LoRA: the reference is the base (adapters disabled) until ``update_reference()`` copies the learner into a
-  second adapter named ``reference`` (Flow-GRPO's cheap curriculum update; VideoDPO's ``shared_ref_pred``).
+  second adapter named ``reference`` (Flow-GRPO's cheap curriculum update; VideoDPO's ``shared_ref_pred``). Under
+  FSDP2 that adapter is made before sharding (peft cannot add one to a sharded module) and left unused until then.
 * full fine-tuning: the reference is a frozen copy of the module taken before any update.
 
 Forward passes go through ``forward_module``: the module, its DDP/FSDP wrapper once ``wrap`` was called, or the
@@ -37,6 +38,7 @@ class TrainableModule:
         self.reference_copy: torch.nn.Module | None = None
         self._wrapped: torch.nn.Module | None = None
         self._in_reference = False
+        self._unused_reference = False  # LoRA under FSDP2: a reference adapter made early, unused until updated
         self._tree: dict[str, Any] | None = None  # see _walk()
         module.requires_grad_(False)
         if lora is None:
@@ -100,9 +102,18 @@ class TrainableModule:
             for pname, parameter in tree["lora"]:
                 parameter.requires_grad_(f".{REFERENCE}." not in pname)
 
+    def _add_reference_adapter(self) -> None:
+        with warnings.catch_warnings():  # peft warns about a second adapter: that is the point here
+            warnings.filterwarnings("ignore", message=".*peft_config.*")
+            self._add_adapter(REFERENCE)
+        for name, parameter in self.module.named_parameters():
+            if f".{REFERENCE}." in name:
+                parameter.data = parameter.data.float()  # an exact copy of the float32 learner
+
     @property
     def has_reference_adapter(self) -> bool:
-        return self.lora is not None and REFERENCE in getattr(self.module, "peft_config", {})
+        return self.lora is not None and REFERENCE in getattr(self.module, "peft_config", {}) and \
+            not self._unused_reference
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """What the optimizer updates: the learner adapter, or every weight under full fine-tuning."""
@@ -154,6 +165,9 @@ class TrainableModule:
         reference of full fine-tuning the same way) over every process with torch's ``fully_shard``."""
         from torch.distributed.fsdp import fully_shard
 
+        if self.lora is not None and REFERENCE not in getattr(self.module, "peft_config", {}):
+            self._add_reference_adapter()  # peft cannot add one to a sharded module later
+            self._unused_reference = True
         self._tree = None  # parameters become DTensors
         for module in (self.module, self.reference_copy):
             if module is not None:
@@ -197,15 +211,13 @@ class TrainableModule:
         if self.reference_copy is not None:
             self.reference_copy.load_state_dict(self.module.state_dict())
             return
-        if not self.has_reference_adapter:
-            with warnings.catch_warnings():  # peft warns about a second adapter: that is the point here
-                warnings.filterwarnings("ignore", message=".*peft_config.*")
-                self._add_adapter(REFERENCE)
+        if REFERENCE not in getattr(self.module, "peft_config", {}):
+            self._add_reference_adapter()
+        self._unused_reference = False
         parameters = dict(self.module.named_parameters())
         for name, parameter in parameters.items():
             if ".lora_" in name and ".default." in name:
-                target = parameters[name.replace(".default.", f".{REFERENCE}.")]
-                target.data = parameter.detach().clone().float()
+                parameters[name.replace(".default.", f".{REFERENCE}.")].copy_(parameter)  # in place: FSDP2 shards too
 
     # ------------------------------------------------------------------------------------------ state
     # Under FSDP2 parameters are sharded DTensors: these gather them, so every rank must call them together.
@@ -213,7 +225,7 @@ class TrainableModule:
         """Learner weights under ``module.*`` (the reference adapter's names contain ``.reference.``), and the
         frozen copy under ``reference.*`` with full fine-tuning."""
         state = {f"module.{n}": _full(p) for n, p in self.module.named_parameters()
-                 if self.lora is None or ".lora_" in n}
+                 if self.lora is None or (".lora_" in n and not (self._unused_reference and f".{REFERENCE}." in n))}
         if self.reference_copy is not None:
             state.update({f"reference.{n}": _full(t) for n, t in self.reference_copy.state_dict().items()})
         return state

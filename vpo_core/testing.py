@@ -131,6 +131,25 @@ def validated_example(path: str | Path, mode: str, needs: tuple[str, ...] = ()):
         os.chdir(cwd)
 
 
+def launch_run(spec: str | Path, output_dir: str | Path, processes: int, *args: str, **env: str):
+    """``vpo run spec`` in fresh processes, as a user starts it: under torchrun (gloo on a CPU) when ``processes`` >
+    1, else plain python; one thread each. The toy parts are loaded, no installed plugin unless ``env`` sets
+    ``VPO_LOAD_PLUGINS``; the spec's folder is on ``PYTHONPATH`` (for plugin modules written by a test)."""
+    import os
+    import subprocess
+    import sys
+
+    spec = Path(spec)
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] \
+        if processes > 1 else [sys.executable]
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    environment.update({"VPO_EXTRA_PLUGINS": "vpo_core.testing", "VPO_LOAD_PLUGINS": "none", "OMP_NUM_THREADS": "1",
+                        "PYTHONPATH": os.pathsep.join([str(spec.parent), os.environ.get("PYTHONPATH", "")]), **env})
+    return subprocess.run([*head, "-m", "vpo_core.cli", "run", str(spec), "--no-progress", "--output-dir",
+                           str(output_dir), *args], env=environment, capture_output=True, text=True, timeout=600)
+
+
 def lora_placement(policy, targets: list[str]) -> tuple[list[str], list[str]]:
     """(modules that carry the learner's LoRA adapter, modules of the trainable module whose name matches one of
     ``targets`` as peft matches them: the name or its dotted suffix), for tests that ``lora.target_modules`` is

@@ -1,0 +1,69 @@
+"""The tiny CogVideoX on 2 processes (gloo on CPU): OnlineVPO with a curriculum reference ends with the same weights
+as on 1 process, with LoRA under DDP or FSDP2 and with full fine-tuning under FSDP2; a run resumes sharded or
+unsharded; only the main process writes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from vpo_core.testing import launch_run, policy_loop_spec
+
+from vpo_cogvideox import build_tiny_cogvideox
+
+pytest.importorskip("vpo_onlinevpo")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+
+POLICY = ("{{type: cogvideox, model: {d}, num_frames: 9, height: 32, width: 32, num_inference_steps: 2, "
+          "micro_batch_size: 3, lora: {{rank: 4, alpha: 4}}, full_finetune: {full}}}")
+# Each process samples one of the step's two prompts; the reference is refreshed after step 2. Adam's default eps
+# (1e-8) turns the float noise of a gradient that is zero in exact arithmetic (the key norm's bias: softmax ignores
+# a shift shared by all keys) into a step of the learning rate's size, a different one for each summation order;
+# eps 1e-4 leaves the comparison at float noise (6e-7 here; 2e-3 on those biases with 1e-8).
+SECTION = """\
+selector: {type: best_worst, key: toy.brightness, min_gap: 0.0}
+objective: {type: dpo, beta: 500, reference_update_every: 2}
+train: {steps: 3, prompts_per_step: 2, candidates_per_prompt: 3, learning_rate: 0.01, adam_epsilon: 1.0e-4}
+"""
+
+
+@pytest.mark.parametrize("full_finetune, fsdp", [(False, False), (True, True), (False, True)],
+                         ids=["lora-ddp", "full-fsdp2", "lora-fsdp2"])
+def test_two_processes_equal_one(tmp_path, full_finetune, fsdp):
+    tiny = build_tiny_cogvideox(tmp_path / "tiny", seed=0, max_text_length=16)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(policy_loop_spec(tmp_path / "unused", POLICY.format(d=tiny, full=str(full_finetune).lower()), 5,
+                                     SECTION))
+    plugins = {"VPO_LOAD_PLUGINS": "cogvideox,onlinevpo"}
+    engine = {"ACCELERATE_USE_FSDP": "true"} if fsdp else {}
+    runs = {n: launch_run(spec, tmp_path / str(n), n, **plugins, **(engine if n > 1 else {})) for n in (1, 2)}
+    for done in runs.values():
+        assert done.returncode == 0, done.stderr
+    one, two = (load_file(str(tmp_path / str(n) / "checkpoints" / "step-000003" / "policy.safetensors"))
+                for n in (1, 2))
+    trained = "module." if full_finetune else ".default."
+    assert one.keys() == two.keys() and any((k.startswith("reference.") if full_finetune else ".reference." in k)
+                                            for k in one)
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], atol=5e-6, rtol=0, msg=key)
+    start = load_file(str(tmp_path / "1" / "checkpoints" / "step-000002" / "policy.safetensors"))
+    assert any(not torch.equal(start[k], one[k]) for k in one if trained in k)  # step 3 trained
+    final = "transformer/diffusion_pytorch_model.safetensors" if full_finetune else "pytorch_lora_weights.safetensors"
+    a, b = (load_file(str(tmp_path / str(n) / "final" / final)) for n in (1, 2))  # gathered from the shards
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=5e-6, rtol=0) for k in a)
+    if fsdp:  # 1 step, its checkpoint made before the first reference update, resumed on the other process count
+        sharded_first = 2 if full_finetune else 1  # both ways between the two settings
+        first = launch_run(spec, tmp_path / "mixed", sharded_first, "--set", "train.steps=1", **plugins,
+                           **(engine if sharded_first == 2 else {}))
+        assert first.returncode == 0, first.stderr
+        resumed = launch_run(spec, tmp_path / "mixed", 3 - sharded_first, "--resume", **plugins,
+                             **(engine if sharded_first == 1 else {}))
+        assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
+        again = load_file(str(tmp_path / "mixed" / "checkpoints" / "step-000003" / "policy.safetensors"))
+        assert again.keys() == one.keys()
+        for key in one:
+            torch.testing.assert_close(one[key], again[key], atol=5e-6, rtol=0, msg=key)
+    # one writer: a metrics record per step, the same files as one process
+    assert (tmp_path / "2" / "metrics.jsonl").read_text().count("\n") == \
+        (tmp_path / "1" / "metrics.jsonl").read_text().count("\n")
+    assert sorted(p.name for p in (tmp_path / "2").rglob("*")) == sorted(p.name for p in (tmp_path / "1").rglob("*"))
