@@ -39,6 +39,21 @@ def vpo_register_rewards(register):
 '''
 
 
+# Pairs for every prompt but the step's last: with 4 prompts, the first process gets 2 pairs, the second 1.
+UNEVEN_SELECTOR = '''
+from vpo_core import Pair, hookimpl
+from vpo_core.testing import ToySelector, ToySelectorConfig
+
+class AllButLast(ToySelector):
+    def select(self, scores):
+        return [pair for pair in super().select(scores) if pair.prompt_index < scores["total"].shape[0] - 1]
+
+@hookimpl
+def vpo_register_pair_selectors(register):
+    register("all_but_last", AllButLast, ToySelectorConfig)
+'''
+
+
 def toy_spec(tmp_path: Path, text: str = TOY_SPEC) -> Path:
     path = tmp_path / "spec.yaml"
     path.write_text(text.format(out=tmp_path / "unused"))
@@ -96,6 +111,22 @@ def test_fsdp2_equals_one_process_and_resumes_on_another_process_count(tmp_path)
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
     assert_same_weights(tmp_path / "one" / "final" / "toy.safetensors",
                         tmp_path / "mixed" / "final" / "toy.safetensors")
+
+
+def test_fsdp2_with_more_chunks_on_one_process_equals_one_process(tmp_path):
+    # pair_batch_size 1: one forward pass per pair, so the first process makes two and the second one; under FSDP2
+    # each is a collective, so the second repeats its last, weighted 0
+    (tmp_path / "uneven_selector.py").write_text(UNEVEN_SELECTOR)
+    spec = toy_spec(tmp_path)
+    args = ("--set", "selector={type: all_but_last}", "--set", "train.prompts_per_step=4", "--set",
+            "train.pair_batch_size=1", "--set", "train.steps=3")
+    plugins = {"VPO_EXTRA_PLUGINS": "vpo_core.testing,uneven_selector"}
+    one = launch_run(spec, tmp_path / "one", 1, *args, **plugins)
+    two = launch_run(spec, tmp_path / "two", 2, *args, **plugins, ACCELERATE_USE_FSDP="true")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["pairs"] for r in rows if r["step"] and not r.get("final")] == [3, 3, 3]
+    assert_same_weights(tmp_path / "one" / "final" / "toy.safetensors", tmp_path / "two" / "final" / "toy.safetensors")
 
 
 def test_a_crash_on_one_rank_ends_every_rank_naming_it(tmp_path):

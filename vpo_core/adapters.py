@@ -39,6 +39,7 @@ class TrainableModule:
         self._wrapped: torch.nn.Module | None = None
         self._in_reference = False
         self._unused_reference = False  # LoRA under FSDP2: a reference adapter made early, unused until updated
+        self.sharded = False  # by FSDP2: every forward pass is then a collective that all processes must make
         self._tree: dict[str, Any] | None = None  # see _walk()
         module.requires_grad_(False)
         if lora is None:
@@ -168,7 +169,7 @@ class TrainableModule:
         if self.lora is not None and REFERENCE not in getattr(self.module, "peft_config", {}):
             self._add_reference_adapter()  # peft cannot add one to a sharded module later
             self._unused_reference = True
-        self._tree = None  # parameters become DTensors
+        self._tree, self.sharded = None, True  # parameters become DTensors
         for module in (self.module, self.reference_copy):
             if module is not None:
                 blocks = max((m for m in module.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=[])

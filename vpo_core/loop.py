@@ -343,13 +343,18 @@ class Trainer:
     def _learn(self, step: int, batches: list[tuple[int, Batch]], total: int, metrics: dict,
                update: int = 0) -> Skip | None:
         size = self.spec.train.pair_batch_size
-        chunks = [(micro, b.take(s) if size else b) for micro, b in batches
+        chunks = [(micro, b.take(s) if size else b, False) for micro, b in batches
                   for s in (_slices(len(b), size) if size else [None])]
+        if self.fsdp and size and chunks:  # under FSDP2 every forward pass is a collective: a process with fewer
+            # chunks (fewer pairs) than another repeats its last one, weighted 0
+            most = torch.tensor([len(chunks)], device=self.accelerator.device)
+            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+            chunks += [(*chunks[-1][:2], True)] * (int(most) - len(chunks))
         wrapped = self.policy.trainable.forward_module if self.world > 1 else None
         sums: dict[str, float] = {}
         loss_sum, bad = 0.0, False
-        for i, (micro, chunk) in enumerate(chunks):
-            rows = len(chunk) if not (isinstance(chunk, PairBatch) and float(chunk.weights.sum()) == 0) else 0
+        for i, (micro, chunk, padding) in enumerate(chunks):
+            rows = 0 if padding or (isinstance(chunk, PairBatch) and float(chunk.weights.sum()) == 0) else len(chunk)
             ctx = self._context(step, micro, update)
             sync = wrapped is None or i == len(chunks) - 1
             with (contextlib.nullcontext() if sync else _no_sync(self.accelerator, wrapped)):
@@ -397,19 +402,19 @@ class Trainer:
         seeds = [derive_seed(self.spec.seed, "eval", i) for i in range(len(rows))]
         per = -(-len(rows) // self.world)
         mine = range(min(len(rows), self.rank * per), min(len(rows), (self.rank + 1) * per))
+        # every process samples `per` rows, a short share padded with row 0: under FSDP2 each forward pass is a
+        # collective, so all processes must make the same calls
+        todo = [*mine, *[0] * (per - len(mine))]
         self.policy.train(False)
-        records, videos = [], []
-        if len(mine):
-            with torch.no_grad():
-                rollout = call(self.r.policy, "sample()", self.policy.sample, rows[mine.start:mine.stop],
-                               seeds[mine.start:mine.stop])
-                check_rows(self.r.policy, "sample() frames", rollout.frames, len(mine))
-                scores = p.rewards.score(rollout.frames, rows[mine.start:mine.stop])
-            records = [{k: _finite_or_none(v[i]) for k, v in scores.items()} for i in range(len(mine))]
-            videos = [(r, (rollout.frames[r - mine.start].detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
-                      for r in mine
-                      if r % e.seeds_per_prompt == 0 and r // e.seeds_per_prompt < e.videos]
+        with torch.no_grad():
+            rollout = call(self.r.policy, "sample()", self.policy.sample, [rows[i] for i in todo],
+                           [seeds[i] for i in todo])
+            check_rows(self.r.policy, "sample() frames", rollout.frames, len(todo))
+            scores = p.rewards.score(rollout.frames[:len(mine)], rows[mine.start:mine.stop]) if len(mine) else {}
         self.policy.train(True)
+        records = [{k: _finite_or_none(v[i]) for k, v in scores.items()} for i in range(len(mine))]
+        videos = [(r, (rollout.frames[r - mine.start].detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+                  for r in mine if r % e.seeds_per_prompt == 0 and r // e.seeds_per_prompt < e.videos]
         if self.world > 1:
             records, videos = _gather_to_main(records), _gather_to_main(videos)
         if not self.main:

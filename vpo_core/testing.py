@@ -88,6 +88,16 @@ objective: {type: reward_gradient, cutoff: last, frames: one_random, rewards: {t
 train: {steps: 3, prompts_per_step: 1, gradient_accumulation_steps: 2, learning_rate: 0.05}
 """
 
+# For 1-process vs 2-process comparisons: each process samples one of a step's two prompts; the reference is
+# refreshed after step 2. Adam's default eps (1e-8) turns the float noise of a gradient that is zero in exact
+# arithmetic (CogVideoX's key-norm bias: softmax ignores a shift shared by all keys) into a step of the learning
+# rate's size, a different one for each summation order; eps 1e-4 leaves the comparison at float noise.
+TWO_PROCESS_DPO = """\
+selector: {type: best_worst, key: toy.brightness, min_gap: 0.0}
+objective: {type: dpo, beta: 500, reference_update_every: 2}
+train: {steps: 3, prompts_per_step: 2, candidates_per_prompt: 3, learning_rate: 0.01, adam_epsilon: 1.0e-4}
+"""
+
 
 def policy_loop_spec(out: str | Path, policy: str, seed: int, section: str) -> str:
     return (f"output_dir: {out}\nseed: {seed}\npolicy: {policy}\nrewards: [{{type: toy_brightness, name: toy}}]\n"
@@ -131,10 +141,12 @@ def validated_example(path: str | Path, mode: str, needs: tuple[str, ...] = ()):
         os.chdir(cwd)
 
 
-def launch_run(spec: str | Path, output_dir: str | Path, processes: int, *args: str, **env: str):
+def launch_run(spec: str | Path, output_dir: str | Path, processes: int, *args: str, timeout: float = 300,
+               **env: str):
     """``vpo run spec`` in fresh processes, as a user starts it: under torchrun (gloo on a CPU) when ``processes`` >
     1, else plain python; one thread each. The toy parts are loaded, no installed plugin unless ``env`` sets
-    ``VPO_LOAD_PLUGINS``; the spec's folder is on ``PYTHONPATH`` (for plugin modules written by a test)."""
+    ``VPO_LOAD_PLUGINS``; the spec's folder is on ``PYTHONPATH`` (for plugin modules written by a test). Processes
+    whose collectives do not match wait for each other forever: ``timeout`` (seconds) ends such a test."""
     import os
     import subprocess
     import sys
@@ -147,7 +159,7 @@ def launch_run(spec: str | Path, output_dir: str | Path, processes: int, *args: 
     environment.update({"VPO_EXTRA_PLUGINS": "vpo_core.testing", "VPO_LOAD_PLUGINS": "none", "OMP_NUM_THREADS": "1",
                         "PYTHONPATH": os.pathsep.join([str(spec.parent), os.environ.get("PYTHONPATH", "")]), **env})
     return subprocess.run([*head, "-m", "vpo_core.cli", "run", str(spec), "--no-progress", "--output-dir",
-                           str(output_dir), *args], env=environment, capture_output=True, text=True, timeout=600)
+                           str(output_dir), *args], env=environment, capture_output=True, text=True, timeout=timeout)
 
 
 def lora_placement(policy, targets: list[str]) -> tuple[list[str], list[str]]:

@@ -132,16 +132,29 @@ class WanPolicy(DiffusersVideoPolicy):
                                       encoder_hidden_states=embeds, return_dict=False)[0]
         return _frames_last(output)
 
-    def _guided(self, latents: torch.Tensor, condition, timesteps: torch.Tensor) -> torch.Tensor:
+    def _guided(self, latents: torch.Tensor, condition, timesteps: torch.Tensor,
+                per_row_timesteps: bool = False) -> torch.Tensor:
         """The guided velocity for ``latents`` at per-row ``timesteps`` [B]: rows are routed to their expert, with
-        the conditional then the unconditional pass and that expert's guidance scale, as the stock loop."""
+        the conditional then the unconditional pass and that expert's guidance scale, as the stock loop.
+        ``per_row_timesteps``: the timesteps differ between rows (losses, transitions), so under FSDP2 another
+        process's rows may need an expert that none of these rows needs. A trained expert's forward pass is then a
+        collective: every process runs, in one order, each trained expert that any process's rows need (on row 0,
+        weighted 0, where none of its own does), so the gradients are those of one process."""
         c = self.config
         embeds, negative = condition
         experts = [self._expert(t) for t in timesteps.tolist()]
-        predictions, order = [], []
-        for name in dict.fromkeys(experts):
+        names = list(dict.fromkeys(experts))
+        if per_row_timesteps and self.trainable.sharded:
+            import torch.distributed as dist
+
+            needed = torch.tensor([name in names for name in self.trained], dtype=torch.int32, device=self.device)
+            dist.all_reduce(needed, op=dist.ReduceOp.MAX)
+            names = [n for n, anywhere in zip(self.trained, needed.tolist()) if anywhere] + \
+                [n for n in names if n not in self.trained]
+        predictions, order, unneeded = [], [], None
+        for name in names:
             rows = [i for i, expert in enumerate(experts) if expert == name]
-            index = torch.tensor(rows, device=latents.device)
+            index = torch.tensor(rows or [0], device=latents.device)
             x, t = latents[index], timesteps[index]
             prediction = self._predict(name, x, t, embeds[index])
             if negative is not None:
@@ -149,11 +162,14 @@ class WanPolicy(DiffusersVideoPolicy):
                 scale = c.guidance_scale_2 if name == "transformer_2" and c.guidance_scale_2 is not None \
                     else c.guidance_scale
                 prediction = uncond + scale * (prediction - uncond)
+            if not rows:  # in the graph with weight 0: zero gradients here, summed with the processes that need it
+                unneeded = prediction.sum() * 0
+                continue
             predictions.append(prediction)
             order += rows
-        if len(predictions) == 1:
-            return predictions[0]
-        return torch.cat(predictions)[torch.tensor(order, device=latents.device).argsort()]
+        out = predictions[0] if len(predictions) == 1 else \
+            torch.cat(predictions)[torch.tensor(order, device=latents.device).argsort()]
+        return out if unneeded is None else out + unneeded
 
     # ------------------------------------------------------------------------------------------- sampling
     def _initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
@@ -200,7 +216,7 @@ class WanPolicy(DiffusersVideoPolicy):
                 "sigma_max": float(sigmas[sigmas < 1][0])}
 
     def _transition_distribution(self, x, condition, steps, noise_level: float, schedule):
-        velocity = self._guided(x, condition, schedule["timesteps"][steps]).float()
+        velocity = self._guided(x, condition, schedule["timesteps"][steps], per_row_timesteps=True).float()
         return flow_sde_step(x, velocity, schedule["sigmas"][steps], schedule["sigmas"][steps + 1], noise_level,
                              schedule["sigma_max"])
 
@@ -257,5 +273,6 @@ class WanPolicy(DiffusersVideoPolicy):
         timesteps = timesteps.to(self.device, torch.float32)
         sigma = (timesteps / self.scheduler.config.num_train_timesteps).view(-1, *[1] * (x0.dim() - 1))
         noisy = (1 - sigma) * x0 + sigma * noise
-        prediction = self._guided(noisy, (self.embed_prompts(list(prompts)), None), timesteps).float()
+        prediction = self._guided(noisy, (self.embed_prompts(list(prompts)), None), timesteps,
+                                  per_row_timesteps=True).float()
         return (prediction - (noise - x0)).pow(2).flatten(1).mean(dim=1)
