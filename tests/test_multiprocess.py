@@ -41,7 +41,7 @@ def vpo_register_rewards(register):
 
 # Pairs for every prompt but the step's last: with 4 prompts, the first process gets 2 pairs, the second 1.
 UNEVEN_SELECTOR = '''
-from vpo_core import Pair, hookimpl
+from vpo_core import hookimpl
 from vpo_core.testing import ToySelector, ToySelectorConfig
 
 class AllButLast(ToySelector):
