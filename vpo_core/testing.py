@@ -162,6 +162,29 @@ def launch_run(spec: str | Path, output_dir: str | Path, processes: int, *args: 
                            str(output_dir), *args], env=environment, capture_output=True, text=True, timeout=timeout)
 
 
+def assert_two_processes_equal_one(directory: Path, policy: str, plugin: str, atol: float,
+                                   fsdp: bool = False) -> dict:
+    """Train ``policy`` (a YAML flow mapping of plugin ``plugin``) with ``TWO_PROCESS_DPO`` on 1 process and on 2
+    (FSDP2 if ``fsdp``, else DDP); assert that both step-3 checkpoints hold the same weights within ``atol`` and
+    return the 1-process one."""
+    from safetensors.torch import load_file
+
+    spec = Path(directory) / "spec.yaml"
+    spec.write_text(policy_loop_spec(Path(directory) / "unused", policy, 5, TWO_PROCESS_DPO))
+    one, two = [], []
+    for processes, out in ((1, one), (2, two)):
+        engine = {"ACCELERATE_USE_FSDP": "true"} if fsdp and processes > 1 else {}
+        done = launch_run(spec, Path(directory) / str(processes), processes, VPO_LOAD_PLUGINS=f"{plugin},onlinevpo",
+                          **engine)
+        assert done.returncode == 0, done.stderr
+        out.append(load_file(str(Path(directory) / str(processes) / "checkpoints" / "step-000003" /
+                                 "policy.safetensors")))
+    assert one[0].keys() == two[0].keys()
+    for key in one[0]:
+        torch.testing.assert_close(one[0][key], two[0][key], atol=atol, rtol=0, msg=key)
+    return one[0]
+
+
 def lora_placement(policy, targets: list[str]) -> tuple[list[str], list[str]]:
     """(modules that carry the learner's LoRA adapter, modules of the trainable module whose name matches one of
     ``targets`` as peft matches them: the name or its dotted suffix), for tests that ``lora.target_modules`` is
