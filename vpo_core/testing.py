@@ -162,11 +162,12 @@ def launch_run(spec: str | Path, output_dir: str | Path, processes: int, *args: 
                            str(output_dir), *args], env=environment, capture_output=True, text=True, timeout=timeout)
 
 
-def assert_two_processes_equal_one(directory: Path, policy: str, plugin: str, atol: float,
+def assert_two_processes_equal_one(directory: Path, policy: str, plugin: str, atol: float, *args: str,
                                    fsdp: bool = False) -> dict:
     """Train ``policy`` (a YAML flow mapping of plugin ``plugin``) with ``TWO_PROCESS_DPO`` on 1 process and on 2
-    (FSDP2 if ``fsdp``, else DDP); assert that both step-3 checkpoints hold the same weights within ``atol`` and
-    return the 1-process one."""
+    (FSDP2 if ``fsdp``, else DDP), ``args`` added to both command lines; assert that both step-3 checkpoints hold
+    the same weights within ``atol`` and return the 1-process one. The runs are ``directory``/1 and /2, the spec
+    ``directory``/spec.yaml."""
     from safetensors.torch import load_file
 
     spec = Path(directory) / "spec.yaml"
@@ -174,8 +175,8 @@ def assert_two_processes_equal_one(directory: Path, policy: str, plugin: str, at
     one, two = [], []
     for processes, out in ((1, one), (2, two)):
         engine = {"ACCELERATE_USE_FSDP": "true"} if fsdp and processes > 1 else {}
-        done = launch_run(spec, Path(directory) / str(processes), processes, VPO_LOAD_PLUGINS=f"{plugin},onlinevpo",
-                          **engine)
+        done = launch_run(spec, Path(directory) / str(processes), processes, *args,
+                          VPO_LOAD_PLUGINS=f"{plugin},onlinevpo", **engine)
         assert done.returncode == 0, done.stderr
         out.append(load_file(str(Path(directory) / str(processes) / "checkpoints" / "step-000003" /
                                  "policy.safetensors")))
