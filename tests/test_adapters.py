@@ -1,11 +1,12 @@
 """TrainableModule's train/eval switch: it sets the flags itself (Module.train() is slow in Python), so it must set
-exactly what Module.train() would, follow modules added later, and defer to a module that overrides train()."""
+exactly what Module.train() would, follow modules added later, and defer to a module that overrides train(). Which
+blocks FSDP2 shards one by one."""
 
 from __future__ import annotations
 
 import torch
 
-from vpo_core.adapters import TrainableModule
+from vpo_core.adapters import TrainableModule, shard_units
 from vpo_core.types import LoraSpec
 
 
@@ -69,3 +70,28 @@ def test_train_switch_defers_to_a_module_that_overrides_train():
     assert calls == [False]
     trainable.train(True)
     assert calls == [False, True] and all(flags(trainable.module).values())
+
+
+
+class TwoLists(torch.nn.Module):
+    """Two block lists (as Open-Sora's spatial and temporal blocks), a list nested inside a block (as diffusers'
+    ``to_out``) and a module outside any list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(8, 8)
+        self.first = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 8)) for _ in range(2))
+        self.second = torch.nn.ModuleList([torch.nn.ModuleList([torch.nn.Linear(8, 8), torch.nn.Dropout()])])
+
+
+def unit_names(net: torch.nn.Module) -> list[str]:
+    names = {id(m): n for n, m in net.named_modules()}
+    return [names[id(m)] for m in shard_units(net)]
+
+
+def test_fsdp2_shards_every_outermost_list_block_by_block_or_the_declared_blocks_inner_first():
+    assert unit_names(TwoLists()) == ["first.0", "first.1", "second.0"]
+    declared = TwoLists()
+    declared._no_split_modules = ["Sequential", "Linear"]  # as diffusers models declare their block classes
+    # each block before the blocks that contain it (fully_shard's order); the module itself is sharded last, apart
+    assert unit_names(declared) == ["second.0.0", "first.1.0", "first.1", "first.0.0", "first.0", "embed"]

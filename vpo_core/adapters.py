@@ -162,8 +162,9 @@ class TrainableModule:
         self._wrapped = wrap(self.module)
 
     def shard(self) -> None:
-        """FSDP2: shard each block of the module's longest ``ModuleList`` and then the module (and the frozen
-        reference of full fine-tuning the same way) over every process with torch's ``fully_shard``."""
+        """FSDP2: shard each block (``shard_units``) and then the module (and the frozen reference of full
+        fine-tuning the same way) over every process with torch's ``fully_shard``. A block's weights are gathered
+        only around its own forward and backward; the rest of the module's, around the whole forward."""
         from torch.distributed.fsdp import fully_shard
 
         if self.lora is not None and REFERENCE not in getattr(self.module, "peft_config", {}):
@@ -172,8 +173,7 @@ class TrainableModule:
         self._tree, self.sharded = None, True  # parameters become DTensors
         for module in (self.module, self.reference_copy):
             if module is not None:
-                blocks = max((m for m in module.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=[])
-                for block in blocks:
+                for block in shard_units(module):
                     fully_shard(block)
                 fully_shard(module)
 
@@ -270,6 +270,23 @@ class TrainableModule:
                   str(directory / "adapter_model.safetensors"))
         config = sorted_config(self.module.peft_config["default"])
         (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+
+
+def shard_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks FSDP2 shards one by one, inner before outer: the submodules whose class is named in a
+    ``_no_split_modules`` declared in the tree (the convention of diffusers and transformers models, which
+    accelerate's FSDP wrapping follows too), else the children of every outermost ``ModuleList``."""
+    names = {n for m in module.modules() for n in getattr(m, "_no_split_modules", None) or ()}
+    if names:
+        return [m for m in reversed(list(module.modules())) if type(m).__name__ in names and m is not module]
+    units, todo = [], list(module.children())
+    while todo:
+        child = todo.pop(0)
+        if isinstance(child, torch.nn.ModuleList):
+            units.extend(child)
+        else:
+            todo.extend(child.children())
+    return units
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

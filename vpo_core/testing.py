@@ -186,6 +186,28 @@ def assert_two_processes_equal_one(directory: Path, policy: str, plugin: str, at
     return one[0]
 
 
+def assert_full_finetuning_trained(checkpoint: dict, untrained: TrainableModule, prefix: str) -> None:
+    """Some weight of ``untrained`` (a policy's trainable module as built, full fine-tuning) under ``prefix`` differs
+    in ``checkpoint`` (a policy checkpoint's state), and the frozen reference under ``prefix`` was saved too."""
+    assert any(key.startswith(f"reference.{prefix}") for key in checkpoint)
+    assert any(not torch.equal(value, checkpoint[f"module.{name}"]) for name, value in
+               untrained.module.named_parameters() if name.startswith(prefix))
+
+
+def fsdp_units(trainable: TrainableModule) -> list[str]:
+    """Names of the submodules of ``trainable.module`` that ``trainable.shard()`` makes FSDP2 units (blocks whose
+    weights are gathered one at a time), sharded inside a gloo process group of this one process."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        trainable.shard()
+    finally:
+        dist.destroy_process_group()
+    return [name for name, m in trainable.module.named_modules() if name and isinstance(m, FSDPModule)]
+
+
 def lora_placement(policy, targets: list[str]) -> tuple[list[str], list[str]]:
     """(modules that carry the learner's LoRA adapter, modules of the trainable module whose name matches one of
     ``targets`` as peft matches them: the name or its dotted suffix), for tests that ``lora.target_modules`` is

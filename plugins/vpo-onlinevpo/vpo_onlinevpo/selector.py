@@ -6,8 +6,6 @@ returns every ordered pair (i, j) where candidate i beats j by more than ``min_g
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from vpo_core import BuildContext, Pair, RunError
 

@@ -240,6 +240,8 @@ class PatchEmbed3D(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- model
 class STDiT3(nn.Module):
+    _no_split_modules = ["STDiT3Block"]  # FSDP2 shards block by block (the attribute diffusers models declare)
+
     def __init__(self, config: STDiT3Config):
         super().__init__()
         self.config = config

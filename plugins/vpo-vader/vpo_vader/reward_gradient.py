@@ -19,7 +19,7 @@ import contextlib
 import torch
 from vpo_core import BuildContext, GradientWindow, Objective, ObjectiveOutput, PromptBatch, RunError, StepContext
 
-from .config import RewardGradientConfig, RewardShape
+from .config import RewardGradientConfig
 
 
 class RewardGradientObjective(Objective):

@@ -303,6 +303,8 @@ def _in_mode(block: Block, training: bool, *args) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------- the UNet
 class LVDMUNet(nn.Module):
+    _no_split_modules = ["Block"]  # FSDP2 shards block by block (the attribute diffusers models declare)
+
     def __init__(self, config: UNetConfig = UNetConfig()):
         super().__init__()
         self.config = c = config

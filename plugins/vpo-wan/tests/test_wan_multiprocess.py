@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from vpo_core.testing import assert_two_processes_equal_one
+from vpo_core import BuildContext
+from vpo_core.testing import assert_two_processes_equal_one, fsdp_units
 
-from vpo_wan import build_tiny_wan
+from vpo_wan import WanConfig, build, build_tiny_wan
 
 pytest.importorskip("vpo_onlinevpo")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
@@ -30,3 +31,12 @@ def test_fsdp2_with_two_experts_equals_one_process(tmp_path, full_finetune):
         else:
             assert any(v.abs().sum() > 0 for k, v in one.items() if k.startswith(f"module.{expert}.")
                        and "lora_B.default" in k)
+
+
+def test_fsdp2_shards_the_blocks_of_both_experts(tmp_path):
+    tiny = build_tiny_wan(tmp_path / "tiny", variant="2.2-a14b")
+    policy = build(WanConfig(model=str(tiny), num_frames=9, height=32, width=32, full_finetune=True),
+                   BuildContext(device=torch.device("cpu"), seed=0))
+    blocks = [n for n, m in policy.trainable.module.named_modules() if type(m).__name__ == "WanTransformerBlock"]
+    units = fsdp_units(policy.trainable)  # the blocks diffusers declares in `_no_split_modules`
+    assert units == blocks and {n.split(".")[0] for n in blocks} == {"transformer", "transformer_2"}
