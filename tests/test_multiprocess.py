@@ -1,16 +1,19 @@
 """More than one process (gloo on CPU, launched with torchrun): the result does not depend on the process count,
-only the main process writes, resume works across process counts, a crash on one rank ends the run."""
+only the main process writes, resume works across process counts, a crash on one rank ends the run, SIGTERM to the
+launcher stops every process after a checkpoint."""
 
 from __future__ import annotations
 
 import json
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from vpo_core.testing import TOY_SPEC, launch_run
+from vpo_core.testing import TOY_SPEC, launch_run, start_run
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 
@@ -135,3 +138,22 @@ def test_a_crash_on_one_rank_ends_every_rank_naming_it(tmp_path):
     done = launch_run(spec, tmp_path / "out", 2, VPO_EXTRA_PLUGINS="vpo_core.testing,crashing_reward")
     assert done.returncode != 0
     assert "vpo [rank 1]: reward 'crashing'" in done.stderr and "sensor on fire" in done.stderr
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path):
+    spec = toy_spec(tmp_path, TOY_SPEC.replace("steps: 6", "steps: 400").replace("every: 2", "every: 1000"))
+    launcher = start_run(spec, tmp_path / "out", 2)
+    metrics, deadline = tmp_path / "out" / "metrics.jsonl", time.time() + 120
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:  # trains (the record of step 2)
+        assert time.time() < deadline and launcher.poll() is None, launcher.communicate()
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)  # torchrun passes it on to each process
+    _, stderr = launcher.communicate(timeout=120)
+    assert stderr.count("vpo: received SIGTERM") == 2  # both processes
+    saved = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    step = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert saved == [f"step-{step:06d}"] and 2 <= step < 400  # the step in flight finished everywhere, then saved
+    assert f"vpo: stopped after step {step}; checkpoint saved" in stderr and "--resume" in stderr
+    resumed = launch_run(spec, tmp_path / "out", 2, "--resume", "--set", f"train.steps={step + 1}")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [*range(step + 2), step + 1]

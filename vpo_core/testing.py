@@ -141,12 +141,11 @@ def validated_example(path: str | Path, mode: str, needs: tuple[str, ...] = ()):
         os.chdir(cwd)
 
 
-def launch_run(spec: str | Path, output_dir: str | Path, processes: int, *args: str, timeout: float = 300,
-               **env: str):
-    """``vpo run spec`` in fresh processes, as a user starts it: under torchrun (gloo on a CPU) when ``processes`` >
-    1, else plain python; one thread each. The toy parts are loaded, no installed plugin unless ``env`` sets
-    ``VPO_LOAD_PLUGINS``; the spec's folder is on ``PYTHONPATH`` (for plugin modules written by a test). Processes
-    whose collectives do not match wait for each other forever: ``timeout`` (seconds) ends such a test."""
+def start_run(spec: str | Path, output_dir: str | Path, processes: int, *args: str, **env: str):
+    """``vpo run spec`` started in fresh processes, as a user starts it: under torchrun (gloo on a CPU) when
+    ``processes`` > 1, else plain python; one thread each -> the ``subprocess.Popen`` (text pipes). The toy parts
+    are loaded, no installed plugin unless ``env`` sets ``VPO_LOAD_PLUGINS``; the spec's folder is on
+    ``PYTHONPATH`` (for plugin modules written by a test)."""
     import os
     import subprocess
     import sys
@@ -158,8 +157,25 @@ def launch_run(spec: str | Path, output_dir: str | Path, processes: int, *args: 
                    if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     environment.update({"VPO_EXTRA_PLUGINS": "vpo_core.testing", "VPO_LOAD_PLUGINS": "none", "OMP_NUM_THREADS": "1",
                         "PYTHONPATH": os.pathsep.join([str(spec.parent), os.environ.get("PYTHONPATH", "")]), **env})
-    return subprocess.run([*head, "-m", "vpo_core.cli", "run", str(spec), "--no-progress", "--output-dir",
-                           str(output_dir), *args], env=environment, capture_output=True, text=True, timeout=timeout)
+    return subprocess.Popen([*head, "-m", "vpo_core.cli", "run", str(spec), "--no-progress", "--output-dir",
+                             str(output_dir), *args], env=environment, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def launch_run(spec: str | Path, output_dir: str | Path, processes: int, *args: str, timeout: float = 300,
+               **env: str):
+    """``start_run`` to the end -> a ``CompletedProcess``. Processes whose collectives do not match wait for each
+    other forever: ``timeout`` (seconds) ends such a test."""
+    import subprocess
+
+    process = start_run(spec, output_dir, processes, *args, **env)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def assert_two_processes_equal_one(directory: Path, policy: str, plugin: str, atol: float, *args: str,
