@@ -89,6 +89,7 @@ def test_ddp_two_processes_equal_one_and_only_the_main_process_writes(tmp_path):
     steps = [json.loads(x)["step"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4, 5, 6, 6]
     assert len(evals(tmp_path / "two")) == 2 and two.stdout.count("vpo: done") == 1
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in two.stderr  # torchrun's 30 s to stop are plenty here
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
 
 
@@ -154,6 +155,9 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_step_with_a_che
     step = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert saved == [f"step-{step:06d}"] and 2 <= step < 400  # the step in flight finished everywhere, then saved
     assert f"vpo: stopped after step {step}; checkpoint saved" in stderr and "--resume" in stderr
-    resumed = launch_run(spec, tmp_path / "out", 2, "--resume", "--set", f"train.steps={step + 1}")
+    # a launcher that would kill the processes at once after a stop signal: it is said, once
+    resumed = launch_run(spec, tmp_path / "out", 2, "--resume", "--set", f"train.steps={step + 1}",
+                         TORCH_ELASTIC_SHUTDOWN_TIMEOUT="0")
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
+    assert resumed.stderr.count("set TORCH_ELASTIC_SHUTDOWN_TIMEOUT=") == 1
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [*range(step + 2), step + 1]

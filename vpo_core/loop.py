@@ -549,6 +549,7 @@ class Trainer:
     def _train(self, start_step: int, counters: dict) -> RunResult:
         steps, result = self.spec.train.steps, RunResult(self.output_dir, start_step, counters=counters)
         bar = _progress(self.progress and self.main, steps, start_step)
+        warned = timed_save = False  # the launcher's grace after a stop signal: found too short / checked
         try:
             with _StopFlag() as stop:
                 for step in range(start_step + 1, steps + 1):
@@ -575,9 +576,14 @@ class Trainer:
                             stopping = bool(self.accelerator.reduce(flag, "sum").item() > 0)
                     too_many = counters["consecutive_nonfinite"] >= self.spec.safety.max_consecutive_nonfinite
                     every = self.spec.checkpoint.every
+                    saving = time.time()
                     if too_many or stopping or (every and step % every == 0) or step == steps:
                         self._save(step, {"counters": counters, "objective": self.parts.objective.state_dict(),
                                           "spec": self.r.to_dict()})
+                        if self.main and not warned and not timed_save:  # the first checkpoint shows how long
+                            warned, timed_save = _grace_too_short(metrics["step_time"] + time.time() - saving), True
+                    elif self.main and not warned and not timed_save and step == start_step + 1:
+                        warned = _grace_too_short(2 * metrics["step_time"])  # until then: a checkpoint ~ a step
                     result.steps_done = step
                     if too_many:
                         raise RunError(
@@ -631,6 +637,22 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def _grace_too_short(seconds: float) -> bool:
+    """torchrun (and accelerate launch, through it) kills the processes a fixed time after passing a stop signal on
+    to them: warn when finishing a step and saving a checkpoint (``seconds``) may take longer, as then the work
+    since the last checkpoint would be lost."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # not under torch's elastic launcher
+        return False
+    grace = float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", 30))
+    if seconds > grace:
+        print(f"vpo: warning: after a stop signal (SIGTERM, Ctrl-C) the launcher kills these processes within "
+              f"{grace:g} s, but finishing a step and saving a checkpoint takes about {seconds:.0f} s here; unless "
+              f"torchrun was given a longer --shutdown-timeout, set TORCH_ELASTIC_SHUTDOWN_TIMEOUT="
+              f"{math.ceil(2 * seconds)} in the launcher's environment so that a stopped run saves its work",
+              file=sys.stderr)
+    return seconds > grace
+
+
 @contextlib.contextmanager
 def _no_sync(accelerator: Any, module: Any):
     """Backward passes inside accumulate gradients locally; the step's last backward synchronises them."""
