@@ -105,6 +105,17 @@ def test_set_override_is_validated(toy_spec, toy_env, capsys):
     assert "--set train.steps=...: not valid YAML" in capsys.readouterr().err
 
 
+def test_mixed_precision_no_needs_no_quotes(toy_spec, toy_env, capsys):
+    # YAML reads an unquoted `no` as false; the documented value must still be accepted, in the file or with --set
+    text = toy_spec.read_text()
+    toy_spec.write_text(text.replace("  learning_rate: 0.003", "  learning_rate: 0.003\n  mixed_precision: no"))
+    assert main(["validate", str(toy_spec)]) == 0
+    assert main(["validate", str(toy_spec), "--set", "train.mixed_precision=no"]) == 0
+    assert main(["validate", str(toy_spec), "--set", "train.mixed_precision=false"]) == 0
+    assert main(["validate", str(toy_spec), "--set", "train.mixed_precision=true"]) == 2
+    assert "train.mixed_precision (from --set train.mixed_precision=true)" in capsys.readouterr().err
+
+
 def test_schema_includes_plugin_configs(toy_env, capsys):
     import json
 

@@ -175,7 +175,7 @@ class Trainer:
             if self.fsdp:
                 self.policy.trainable.shard()
             else:
-                self.policy.trainable.wrap(acc.prepare_model)
+                self.policy.trainable.wrap(lambda module: _ddp(acc, module))
         params = [q for q in self.policy.trainable_parameters() if q.requires_grad]
         if not params:
             raise SpecError("the policy has no trainable parameters; check its LoRA / fine-tuning settings", "policy")
@@ -651,6 +651,15 @@ def _grace_too_short(seconds: float) -> bool:
               f"{math.ceil(2 * seconds)} in the launcher's environment so that a stopped run saves its work",
               file=sys.stderr)
     return seconds > grace
+
+
+def _ddp(accelerator: Any, module: torch.nn.Module) -> torch.nn.Module:
+    """accelerate's DDP wrapper around ``module``, without the autocast and float32 outputs that it patches into
+    ``module.forward`` under mixed precision: with them, N processes would sample and compute in another precision
+    than 1 (the loop autocasts the loss itself, for any number of processes)."""
+    wrapped = accelerator.prepare_model(module)
+    accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)  # restores module.forward
+    return wrapped
 
 
 @contextlib.contextmanager

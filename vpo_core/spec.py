@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from .errors import SpecError, SpecErrors
 from .plugins import PartType, PluginManager
@@ -62,6 +62,10 @@ class TrainSpec(Strict):
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping; null disables.")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads an unquoted `no` as false
 
 class EvalSpec(Strict):
     every: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after training).")
