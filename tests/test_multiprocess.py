@@ -132,6 +132,25 @@ def test_fsdp2_equals_one_process_and_resumes_on_another_process_count(tmp_path)
                         tmp_path / "mixed" / "final" / "toy.safetensors")
 
 
+def test_fsdp2_checkpoints_after_an_evaluation_and_after_a_step_without_pairs(tmp_path):
+    # sampling without a backward pass leaves FSDP2's root module gathered: the optimizer's sharded parameters were
+    # then not the module's, and the checkpoint failed (KeyError in get_optimizer_state_dict)
+    spec = toy_spec(tmp_path)
+    args = ("--set", "eval.every=2", "--set", "train.steps=4")
+    one = launch_run(spec, tmp_path / "one", 1, *args)
+    two = launch_run(spec, tmp_path / "two", 2, *args, ACCELERATE_USE_FSDP="true")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert [e["step"] for e in evals(tmp_path / "two")] == [0, 2, 4]
+    for a, b in zip(evals(tmp_path / "one"), evals(tmp_path / "two"), strict=True):
+        for k in a["scores"]:
+            torch.testing.assert_close(torch.tensor(a["scores"][k]), torch.tensor(b["scores"][k]), atol=1e-5, rtol=0)
+    assert_same_weights(tmp_path / "one" / "final" / "toy.safetensors", tmp_path / "two" / "final" / "toy.safetensors")
+    untrained = launch_run(spec, tmp_path / "no-pairs", 2, "--set", "selector.min_gap=10", "--set", "train.steps=2",
+                           ACCELERATE_USE_FSDP="true")  # no candidates this far apart: nothing trains
+    assert untrained.returncode == 0, untrained.stderr
+    assert (tmp_path / "no-pairs" / "checkpoints" / "step-000002").is_dir()
+
+
 def test_fsdp2_with_more_chunks_on_one_process_equals_one_process(tmp_path):
     # pair_batch_size 1: one forward pass per pair, so the first process makes two and the second one; under FSDP2
     # each is a collective, so the second repeats its last, weighted 0
@@ -154,6 +173,9 @@ def test_a_crash_on_one_rank_ends_every_rank_naming_it(tmp_path):
     done = launch_run(spec, tmp_path / "out", 2, VPO_EXTRA_PLUGINS="vpo_core.testing,crashing_reward")
     assert done.returncode != 0
     assert "vpo [rank 1]: reward 'crashing'" in done.stderr and "sensor on fire" in done.stderr
+    # each process's line whole (PYTHONUNBUFFERED writes a print's end separately), each traceback in its own file
+    assert all(line.count("vpo [rank") == 1 for line in done.stderr.splitlines() if "vpo [rank" in line)
+    assert "sensor on fire" in (tmp_path / "out" / "error-rank1.log").read_text()
 
 
 def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path):

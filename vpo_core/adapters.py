@@ -177,13 +177,19 @@ class TrainableModule:
                     fully_shard(block)
                 fully_shard(module)
 
+    def reshard(self) -> None:
+        """FSDP2: make every parameter the sharded DTensor that the optimizer holds again. A forward pass without
+        a backward (sampling) leaves the root module's parameters gathered."""
+        for module in (self.module, self.reference_copy):
+            for m in module.modules() if module is not None else ():
+                if hasattr(m, "reshard"):  # an FSDP2 module
+                    m.reshard()
+
     @contextlib.contextmanager
     def gathered(self) -> Iterator[None]:
         """Inside, sharded (FSDP2) parameters are replaced by full tensors, so ordinary save code works. Every
         process must enter it together (it all-gathers)."""
-        for m in self.module.modules():
-            if hasattr(m, "reshard"):  # an FSDP2 module: make every parameter a sharded DTensor again
-                m.reshard()
+        self.reshard()
         swapped = [(m, n, p) for m in self.module.modules() for n, p in m.named_parameters(recurse=False)
                    if hasattr(p, "full_tensor")]
         for m, n, p in swapped:

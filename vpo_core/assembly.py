@@ -19,16 +19,12 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 from .data import read_prompts
-from .errors import RunError, VpoError
+from .errors import PluginFault, RunError, VpoError
 from .spec import ResolvedPart, ResolvedSpec
 from .types import BuildContext, Pair
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_KEY = re.compile(r"model|tokenizer|encoder|vae|checkpoint|repo|transformer|unet")
-
-
-class PluginFault(RunError):
-    """A plugin broke its contract or raised."""
 
 
 def call(part: ResolvedPart, what: str, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:

@@ -16,7 +16,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .errors import SpecError, VpoError
+from .errors import PluginFault, SpecError, VpoError
 
 EXIT_OK, EXIT_FAILURE, EXIT_SPEC, EXIT_PLUGIN = 0, 1, 2, 3
 
@@ -41,9 +41,21 @@ def _add_spec_args(p: argparse.ArgumentParser, many: bool = False) -> None:
                    help="override a spec value, e.g. --set train.steps=10 (repeatable)")
 
 
+def _rank() -> str | None:
+    """This process's rank in a multi-process run, else None."""
+    return os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+
 def _who() -> str:
     """How messages start: "vpo", or "vpo [rank 1]" in a multi-process run (the launcher names the failed rank too)."""
-    return f"vpo [rank {os.environ.get('RANK')}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "vpo"
+    return "vpo" if _rank() is None else f"vpo [rank {_rank()}]"
+
+
+def _say(message: str) -> None:
+    """One line on stderr in one write: the processes of a run share the launcher's stderr, and unbuffered
+    (PYTHONUNBUFFERED) ``print`` writes the line and its end separately, so lines of two ranks could interleave."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 def resume_command(args) -> str:
@@ -56,6 +68,16 @@ def resume_command(args) -> str:
     return " ".join(shlex.quote(str(w)) for w in words) + ("" if world == 1 else " (or your launcher of choice)")
 
 
+def _write_traceback(trainer, exc: BaseException) -> str:
+    """``exc``'s traceback into the output directory's error.log (error-rank<N>.log, one per process) -> the text
+    that points to it."""
+    if not trainer.output_dir.is_dir():
+        return ""
+    log = trainer.output_dir / ("error.log" if _rank() is None else f"error-rank{_rank()}.log")
+    log.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    return f" (traceback in {log})"
+
+
 def cmd_run(args, pm) -> int:
     resolved = _load(args, pm)  # before importing torch: a bad spec fails fast and small
     from .loop import Trainer
@@ -66,23 +88,22 @@ def cmd_run(args, pm) -> int:
     try:
         result = trainer.run()
     except VpoError as exc:
+        # a plugin that raised: its traceback, for its author
+        where = _write_traceback(trainer, exc.__cause__) \
+            if isinstance(exc, PluginFault) and exc.__cause__ is not None else ""
         if getattr(trainer, "trained", False):
-            exc.args = (f"{exc}\n  (what the run wrote is kept; continue with: {resume_command(args)})",)
+            where += f"\n  (what the run wrote is kept; continue with: {resume_command(args)})"
+        exc.args = (f"{exc}{where}",)
         raise
     except KeyboardInterrupt:
         from .checkpoint import list_checkpoints
 
         saved = list_checkpoints(trainer.output_dir)
-        print(f"{_who()}: interrupted; " + (f"checkpoint {saved[-1].name} is intact. Continue with: "
-              f"{resume_command(args)}" if saved else "no checkpoint had been saved yet"), file=sys.stderr)
+        _say(f"{_who()}: interrupted; " + (f"checkpoint {saved[-1].name} is intact. Continue with: "
+             f"{resume_command(args)}" if saved else "no checkpoint had been saved yet"))
         return 130
     except Exception as exc:  # an unexpected failure: one line, the traceback in a file
-        where = ""
-        if trainer.output_dir.is_dir():
-            log = trainer.output_dir / "error.log"
-            log.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-            where = f" (traceback in {log})"
-        print(f"{_who()}: run failed: {type(exc).__name__}: {exc}{where}", file=sys.stderr)
+        _say(f"{_who()}: run failed: {type(exc).__name__}: {exc}{_write_traceback(trainer, exc)}")
         return EXIT_FAILURE
     if not getattr(trainer, "main", True):
         return result.exit_code
@@ -245,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_SPEC
         return int(args.func(args, pm) or 0)
     except VpoError as exc:
-        print(f"{_who()}: {exc}", file=sys.stderr)
+        _say(f"{_who()}: {exc}")
         return exc.exit_code
     except SystemExit as exc:  # argparse: usage errors exit 2 with their message
         return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_SPEC

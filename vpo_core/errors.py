@@ -47,3 +47,7 @@ class RunError(VpoError):
     """A failure while running (exit 1) that has a clear cause, e.g. too many non-finite steps."""
 
     exit_code = 1
+
+
+class PluginFault(RunError):
+    """A plugin broke its contract or raised (then chained to what it raised: its traceback goes to error.log)."""

@@ -443,6 +443,8 @@ class Trainer:
     def _save(self, step: int, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+        if self.fsdp:
+            self.policy.trainable.reshard()  # after a step that trained nothing or an evaluation, the root is gathered
         policy_state = self.policy.state_dict_for_checkpoint()  # every process: gathers FSDP shards
         optim_state = get_optimizer_state_dict(self.policy.trainable.module, self.optimizer.optimizer,
                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
