@@ -198,3 +198,22 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_step_with_a_che
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
     assert resumed.stderr.count("set TORCH_ELASTIC_SHUTDOWN_TIMEOUT=") == 1
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [*range(step + 2), step + 1]
+
+
+def test_build_pairs_on_two_processes_equals_one(tmp_path):
+    spec = toy_spec(tmp_path)
+    prompts = ("--set", "data.prompts=[a red ball, a blue cube, a green cone, a dark sky, a cat]")  # 3 + 2 groups
+    one, two = (launch_run(spec, tmp_path / str(n), n, *prompts, command=("build-pairs",)) for n in (1, 2))
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert two.stdout.count("pair dataset written") == 1
+    files = [sorted(p.name for p in (tmp_path / str(n) / "groups").iterdir()) for n in (1, 2)]
+    assert files[0] == files[1] and len(files[0]) == 10  # a .json and a .safetensors per prompt, nothing left over
+    for name in files[0]:
+        a, b = (tmp_path / "1" / "groups" / name, tmp_path / "2" / "groups" / name)
+        if name.endswith(".json"):
+            ga, gb = json.loads(a.read_text()), json.loads(b.read_text())
+            assert ga["seeds"] == gb["seeds"] and ga["pairs"] == gb["pairs"]
+            for k in ga["scores"]:
+                assert ga["scores"][k] == pytest.approx(gb["scores"][k], abs=1e-6)
+        else:
+            torch.testing.assert_close(load_file(str(a))["latents"], load_file(str(b))["latents"], atol=1e-6, rtol=0)

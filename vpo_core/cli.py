@@ -190,7 +190,8 @@ def cmd_build_pairs(args, pm) -> int:
     from .offline import build_pair_dataset
 
     out = build_pair_dataset(_load(args, pm), Path(args.out), progress=not args.no_progress)
-    print(f"vpo: pair dataset written to {out}")
+    if _rank() in (None, "0"):
+        print(f"vpo: pair dataset written to {out}")
     return EXIT_OK
 
 

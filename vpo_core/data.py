@@ -101,8 +101,10 @@ class PairDatasetWriter:
         self.directory = Path(directory)
         (self.directory / "groups").mkdir(parents=True, exist_ok=True)
         meta_path = self.directory / "meta.json"
-        if not meta_path.exists():
-            meta_path.write_text(json.dumps({"format": "vpo-pairs", "version": 1, **(meta or {})}, indent=1))
+        if not meta_path.exists():  # atomically: the processes of a multi-process build all write it
+            tmp = meta_path.with_name(f".tmp-meta-{os.getpid()}.json")
+            tmp.write_text(json.dumps({"format": "vpo-pairs", "version": 1, **(meta or {})}, indent=1))
+            os.replace(tmp, meta_path)
 
     def has_group(self, index: int) -> bool:
         return (self.directory / "groups" / f"{index:06d}.json").exists()

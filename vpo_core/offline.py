@@ -1,7 +1,9 @@
 """``vpo build-pairs``: sample N candidates per prompt with the (base) policy, score, select pairs, store.
 
 Resumable: each prompt's group is written atomically and skipped when the command is run again. Candidate
-seeds depend only on (seed, prompt index, candidate), so a resumed build equals an uninterrupted one.
+seeds depend only on (seed, prompt index, candidate), so a resumed build equals an uninterrupted one, and a build
+launched on N processes (torchrun, accelerate launch), where process r builds the groups r, r + N, ..., equals a
+1-process one.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ def build_pair_dataset(resolved: ResolvedSpec, out: Path, progress: bool = True)
         raise SpecError("building pairs needs at least one reward", "rewards")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    parts = build_parts(resolved, make_accelerator(resolved, out), out)
+    accelerator = make_accelerator(resolved, out)
+    parts = build_parts(resolved, accelerator, out)
     spec, n = resolved.spec, resolved.spec.train.candidates_per_prompt
     writer = PairDatasetWriter(out, {"candidates": n, "policy": resolved.policy.part_type.name,
                                      "selector": resolved.selector.part_type.name, "seed": spec.seed})
     prompts = parts.train_prompts
-    todo = [i for i in range(len(prompts)) if not writer.has_group(i)]
-    bar = _progress(progress, len(prompts), len(prompts) - len(todo))
+    mine = range(accelerator.process_index, len(prompts), accelerator.num_processes)  # this process's groups
+    todo = [i for i in mine if not writer.has_group(i)]
+    bar = _progress(progress and accelerator.is_main_process, len(mine), len(mine) - len(todo))
     parts.policy.train(False)
     try:
         for i in todo:
@@ -46,4 +50,5 @@ def build_pair_dataset(resolved: ResolvedSpec, out: Path, progress: bool = True)
             bar.update(1)
     finally:
         bar.close()
+    accelerator.wait_for_everyone()  # every group is written before any process goes on to read the dataset
     return out

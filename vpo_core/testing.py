@@ -141,11 +141,13 @@ def validated_example(path: str | Path, mode: str, needs: tuple[str, ...] = ()):
         os.chdir(cwd)
 
 
-def start_run(spec: str | Path, output_dir: str | Path, processes: int, *args: str, **env: str):
-    """``vpo run spec`` started in fresh processes, as a user starts it: under torchrun (gloo on a CPU) when
-    ``processes`` > 1, else plain python; one thread each -> the ``subprocess.Popen`` (text pipes). The toy parts
-    are loaded, no installed plugin unless ``env`` sets ``VPO_LOAD_PLUGINS``; the spec's folder is on
-    ``PYTHONPATH`` (for plugin modules written by a test)."""
+def start_run(spec: str | Path, output_dir: str | Path, processes: int, *args: str,
+              command: tuple[str, ...] = ("run",), **env: str):
+    """``vpo run spec`` (or another ``command`` that writes to ``--out``, such as ``build-pairs``) started in fresh
+    processes, as a user starts it: under torchrun (gloo on a CPU) when ``processes`` > 1, else plain python; one
+    thread each -> the ``subprocess.Popen`` (text pipes). The toy parts are loaded, no installed plugin unless
+    ``env`` sets ``VPO_LOAD_PLUGINS``; the spec's folder is on ``PYTHONPATH`` (for plugin modules written by a
+    test)."""
     import os
     import subprocess
     import sys
@@ -157,18 +159,19 @@ def start_run(spec: str | Path, output_dir: str | Path, processes: int, *args: s
                    if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     environment.update({"VPO_EXTRA_PLUGINS": "vpo_core.testing", "VPO_LOAD_PLUGINS": "none", "OMP_NUM_THREADS": "1",
                         "PYTHONPATH": os.pathsep.join([str(spec.parent), os.environ.get("PYTHONPATH", "")]), **env})
-    return subprocess.Popen([*head, "-m", "vpo_core.cli", "run", str(spec), "--no-progress", "--output-dir",
+    out = "--output-dir" if command == ("run",) else "--out"
+    return subprocess.Popen([*head, "-m", "vpo_core.cli", *command, str(spec), "--no-progress", out,
                              str(output_dir), *args], env=environment, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
 def launch_run(spec: str | Path, output_dir: str | Path, processes: int, *args: str, timeout: float = 300,
-               **env: str):
+               command: tuple[str, ...] = ("run",), **env: str):
     """``start_run`` to the end -> a ``CompletedProcess``. Processes whose collectives do not match wait for each
     other forever: ``timeout`` (seconds) ends such a test."""
     import subprocess
 
-    process = start_run(spec, output_dir, processes, *args, **env)
+    process = start_run(spec, output_dir, processes, *args, command=command, **env)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

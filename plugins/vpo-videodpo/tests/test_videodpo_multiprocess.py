@@ -1,5 +1,6 @@
-"""Offline pairs on 2 processes (gloo on CPU, the toy policy): VideoDPO's re-weighted DPO on a built pair dataset
-takes each micro-step's pairs in halves and ends with the same weights and statistics as on 1 process."""
+"""VideoDPO on 2 processes (gloo on CPU, the toy policy): `vpo videodpo build-pairs` shares the sampling and writes
+the same dataset as 1 process; re-weighted DPO on it takes each micro-step's pairs in halves and ends with the same
+weights and statistics as on 1 process."""
 
 from __future__ import annotations
 
@@ -43,7 +44,14 @@ def test_two_processes_equal_one(tmp_path):
     pm.register_plugin(vpo_core.testing, "toy")
     pm.register_plugin(vpo_videodpo.plugin, "videodpo")
     build_videodpo_pairs(load_spec(spec, pm), tmp_path / "pairs", progress=False)
-    args = ("--set", f"data.pairs={tmp_path / 'pairs'}")
+    built = launch_run(spec, tmp_path / "pairs-2", 2, command=("videodpo", "build-pairs"), VPO_LOAD_PLUGINS="videodpo")
+    assert built.returncode == 0 and built.stdout.count("pairs from 8 prompts") == 1, built.stderr
+    meta = [json.loads((tmp_path / d / "meta.json").read_text())["videodpo"] for d in ("pairs", "pairs-2")]
+    assert meta[0] == meta[1] and meta[0]["pairs"] == 6
+    for group in sorted((tmp_path / "pairs" / "groups").glob("*.json")):
+        a, b = json.loads(group.read_text()), json.loads((tmp_path / "pairs-2" / "groups" / group.name).read_text())
+        assert a["pairs"] == b["pairs"] and a["omniscore"] == pytest.approx(b["omniscore"], abs=1e-6)
+    args = ("--set", f"data.pairs={tmp_path / 'pairs-2'}")
     one, two = (launch_run(spec, tmp_path / str(n), n, *args, VPO_LOAD_PLUGINS="videodpo") for n in (1, 2))
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     checkpoint = "checkpoints/step-{:06d}/policy.safetensors"

@@ -76,8 +76,10 @@ def finalise_pair_dataset(directory: str | Path, config: OmniScoreSelectorConfig
     return summary
 
 
-def build_videodpo_pairs(resolved, out: str | Path, progress: bool = True) -> dict:
-    """Sample + score the missing groups (if any), then finalise. ``resolved``: a ``vpo_core.spec.ResolvedSpec``."""
+def build_videodpo_pairs(resolved, out: str | Path, progress: bool = True) -> dict | None:
+    """Sample + score the missing groups (if any), then finalise. ``resolved``: a ``vpo_core.spec.ResolvedSpec``.
+    Launched on several processes, they share the sampling and the main process alone finalises (the others
+    return None)."""
     from vpo_core import build_pair_dataset, read_prompts
 
     selector = resolved.selector
@@ -93,7 +95,9 @@ def build_videodpo_pairs(resolved, out: str | Path, progress: bool = True) -> di
     complete = all((out / "groups" / f"{i:06d}.json").exists() for i in range(len(prompts)))
     if not complete:  # only then is the policy loaded
         _unmark(out)  # groups are about to change: the dataset is not finalised until finalise ends
-        build_pair_dataset(resolved, out, progress=progress)
+        build_pair_dataset(resolved, out, progress=progress)  # returns once every process's groups are written
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate launch: finalising is the main process's
+        return None
     return finalise_pair_dataset(out, selector.config)
 
 
@@ -117,6 +121,8 @@ def run_cli(args) -> int:
         return 2
     resolved = load_spec(args.spec, getattr(args, "plugin_manager", None) or PluginManager(), args.overrides)
     summary = build_videodpo_pairs(resolved, Path(args.out), progress=not args.no_progress)
+    if summary is None:  # another process of the launch finalised and reports
+        return 0
     skipped = summary["skipped_nonpositive_score"]
     note = f"; {skipped} pair(s) skipped: an OmniScore <= 0 has no re-weighting weight" if skipped else ""
     print(f"vpo: {summary['pairs']} pairs from {summary['groups']} prompts written to {args.out} "
