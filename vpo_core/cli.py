@@ -93,7 +93,8 @@ def cmd_run(args, pm) -> int:
             if isinstance(exc, PluginFault) and exc.__cause__ is not None else ""
         if getattr(trainer, "trained", False):
             where += f"\n  (what the run wrote is kept; continue with: {resume_command(args)})"
-        exc.args = (f"{exc}{where}",)
+        if where:
+            exc.args = (f"{exc}{where}",)
         raise
     except KeyboardInterrupt:
         from .checkpoint import list_checkpoints

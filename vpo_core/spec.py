@@ -67,6 +67,7 @@ class TrainSpec(Strict):
     def _unquoted_no(cls, value: Any) -> Any:
         return "no" if value is False else value  # YAML reads an unquoted `no` as false
 
+
 class EvalSpec(Strict):
     every: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after training).")
     seeds_per_prompt: int = Field(2, ge=1)
