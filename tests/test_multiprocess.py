@@ -5,6 +5,7 @@ launcher stops every process after a checkpoint."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -165,6 +166,19 @@ def test_fsdp2_with_more_chunks_on_one_process_equals_one_process(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["pairs"] for r in rows if r["step"] and not r.get("final")] == [3, 3, 3]
     assert_same_weights(tmp_path / "one" / "final" / "toy.safetensors", tmp_path / "two" / "final" / "toy.safetensors")
+
+
+def test_a_plugin_raising_before_the_first_step_leaves_its_traceback(tmp_path):
+    # the run removes the output directory it made (nothing was trained), so the traceback goes to the temp dir
+    first_call = CRASHING_REWARD.replace('os.environ.get("RANK") == "1" and self.calls == 3', "True")
+    (tmp_path / "crashing_reward.py").write_text(first_call)
+    spec = toy_spec(tmp_path, TOY_SPEC.replace("  - type: toy_brightness", "  - type: crashing"))
+    done = launch_run(spec, tmp_path / "out", 1, "--set", "data.eval_prompts=[]",
+                      VPO_EXTRA_PLUGINS="vpo_core.testing,crashing_reward")
+    assert done.returncode == 1 and not (tmp_path / "out").exists()
+    log = Path(re.search(r"traceback in (\S+)\)", done.stderr).group(1))
+    assert "Traceback" not in done.stderr and "sensor on fire" in done.stderr
+    assert 'raise RuntimeError("sensor on fire")' in log.read_text()
 
 
 def test_a_crash_on_one_rank_ends_every_rank_naming_it(tmp_path):

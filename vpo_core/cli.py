@@ -69,13 +69,21 @@ def resume_command(args) -> str:
 
 
 def _write_traceback(trainer, exc: BaseException) -> str:
-    """``exc``'s traceback into the output directory's error.log (error-rank<N>.log, one per process) -> the text
+    """``exc``'s traceback into the output directory's error.log (error-rank<N>.log, one per process), or into the
+    temporary directory when the run removed its output directory (it failed before its first step) -> the text
     that points to it."""
-    if not trainer.output_dir.is_dir():
-        return ""
-    log = trainer.output_dir / ("error.log" if _rank() is None else f"error-rank{_rank()}.log")
-    log.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-    return f" (traceback in {log})"
+    import tempfile
+
+    name = "error.log" if _rank() is None else f"error-rank{_rank()}.log"
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    for log in (trainer.output_dir / name, Path(tempfile.gettempdir()) / f"vpo-{os.getpid()}-{name}"):
+        try:
+            if log.parent.is_dir():
+                log.write_text(text)
+                return f" (traceback in {log})"
+        except OSError:  # e.g. the directory was removed meanwhile
+            continue
+    return ""
 
 
 def cmd_run(args, pm) -> int:

@@ -25,7 +25,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ class Skip(enum.Enum):
     """Why a step trained nothing (its weights are untouched)."""
 
     NO_PAIRS = "no_pairs"  # every prompt's candidates tied within the selector's min_gap
+    NO_TRANSITIONS = "no_transitions"  # the objective's expand() chose no transition on any process
     NONFINITE = "nonfinite"  # a reward, loss or gradient was not finite
     FP16_OVERFLOW = "fp16_overflow"  # fp16 gradients overflowed: the loss scaler skipped the update, lowered its scale
 
@@ -306,6 +307,9 @@ class Trainer:
                                  self._context(step, micro, update))) for micro, batch in batches]
             if self.r.mode == "trajectories":  # expand() chose the transitions: count them over every process
                 total = int(self._sum(float(sum(len(b) for _, b in todo))))
+                if total == 0:  # e.g. an objective that drops groups whose rewards all tie
+                    reason = Skip.NO_TRANSITIONS if update == 0 else None  # (earlier updates did train)
+                    break
             reason = self._learn(step, todo, total, metrics, update)
             # The gradients' norm (the same on every process once they are synchronised) also tells whether any
             # is non-finite; clipping with an infinite bound only measures.
@@ -344,7 +348,11 @@ class Trainer:
                update: int = 0) -> Skip | None:
         size = self.spec.train.pair_batch_size
         chunks = [(micro, b.take(s) if size else b, False) for micro, b in batches
-                  for s in (_slices(len(b), size) if size else [None])]
+                  for s in (_slices(len(b), size) if size else [None]) if len(b)]
+        if not chunks and batches:  # another process trains (expand() chose transitions there only): this one
+            micro, batch = batches[0]  # takes part in the gradient sync with one transition, weighted 0
+            chunks = [(micro, replace(batch, rows=[0], steps=batch.trajectory.steps[:1],
+                                      advantages=torch.zeros(1)), True)]
         if self.fsdp and size and chunks:  # under FSDP2 every forward pass is a collective: a process with fewer
             # chunks (fewer pairs) than another repeats its last one, weighted 0
             most = torch.tensor([len(chunks)], device=self.accelerator.device)

@@ -12,6 +12,7 @@ from typing import Any
 TOTAL_MEANING = "total = Σ over rewards of weight × mean of that reward's dimensions"
 # why a step trained nothing (the loop's Skip values)
 SKIP_REASONS = {"no_pairs": "found no pair (every prompt's candidates tied within the selector's min_gap)",
+                "no_transitions": "had no transition to train (the objective's expand() chose none)",
                 "nonfinite": "had a non-finite reward, loss or gradient",
                 "fp16_overflow": "overflowed in fp16 (the loss scaler lowered its scale and skipped the update)"}
 
