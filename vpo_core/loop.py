@@ -36,7 +36,7 @@ from .assembly import Parts, build_parts, call, check_pairs, check_rows, make_ac
 from .data import PairDataset, derive_seed, ordered_indices, pairs_to_batch
 from .errors import RunError, SpecError
 from .spec import ResolvedSpec
-from .types import Batch, Pair, PairBatch, PromptBatch, StepContext, TrajectoryBatch
+from .types import Batch, Pair, PairBatch, PromptBatch, StepContext, TrajectoryBatch, TransitionBatch
 
 METRICS, EVALS, CHANGES = "metrics.jsonl", "eval.jsonl", "spec_changes.jsonl"
 # Spec fields that may change on --resume (docs/spec.md); any other difference needs --allow-spec-change.
@@ -349,8 +349,10 @@ class Trainer:
         size = self.spec.train.pair_batch_size
         chunks = [(micro, b.take(s) if size else b, False) for micro, b in batches
                   for s in (_slices(len(b), size) if size else [None]) if len(b)]
-        if not chunks and batches:  # another process trains (expand() chose transitions there only): this one
-            micro, batch = batches[0]  # takes part in the gradient sync with one transition, weighted 0
+        if not chunks and batches and isinstance(batches[0][1], TransitionBatch):
+            # expand() chose transitions on another process only: this one takes part in the gradient sync with
+            # one transition, weighted 0
+            micro, batch = batches[0]
             chunks = [(micro, replace(batch, rows=[0], steps=batch.trajectory.steps[:1],
                                       advantages=torch.zeros(1)), True)]
         if self.fsdp and size and chunks:  # under FSDP2 every forward pass is a collective: a process with fewer
