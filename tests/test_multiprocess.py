@@ -174,9 +174,10 @@ def test_a_plugin_raising_before_the_first_step_leaves_its_traceback(tmp_path):
     (tmp_path / "crashing_reward.py").write_text(first_call)
     spec = toy_spec(tmp_path, TOY_SPEC.replace("  - type: toy_brightness", "  - type: crashing"))
     done = launch_run(spec, tmp_path / "out", 1, "--set", "data.eval_prompts=[]",
-                      VPO_EXTRA_PLUGINS="vpo_core.testing,crashing_reward")
+                      VPO_EXTRA_PLUGINS="vpo_core.testing,crashing_reward", TMPDIR=str(tmp_path))
     assert done.returncode == 1 and not (tmp_path / "out").exists()
     log = Path(re.search(r"traceback in (\S+)\)", done.stderr).group(1))
+    assert log.parent == tmp_path
     assert "Traceback" not in done.stderr and "sensor on fire" in done.stderr
     assert 'raise RuntimeError("sensor on fire")' in log.read_text()
 
@@ -187,7 +188,8 @@ def test_a_crash_on_one_rank_ends_every_rank_naming_it(tmp_path):
     done = launch_run(spec, tmp_path / "out", 2, VPO_EXTRA_PLUGINS="vpo_core.testing,crashing_reward")
     assert done.returncode != 0
     assert "vpo [rank 1]: reward 'crashing'" in done.stderr and "sensor on fire" in done.stderr
-    # each process's line whole (PYTHONUNBUFFERED writes a print's end separately), each traceback in its own file
+    # each process's line whole (under torchrun's `python -u`, print writes a line's end apart), each traceback
+    # in its own file
     assert all(line.count("vpo [rank") == 1 for line in done.stderr.splitlines() if "vpo [rank" in line)
     assert "sensor on fire" in (tmp_path / "out" / "error-rank1.log").read_text()
 

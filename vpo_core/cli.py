@@ -53,7 +53,7 @@ def _who() -> str:
 
 def _say(message: str) -> None:
     """One line on stderr in one write: the processes of a run share the launcher's stderr, and unbuffered
-    (PYTHONUNBUFFERED) ``print`` writes the line and its end separately, so lines of two ranks could interleave."""
+    (torchrun runs ``python -u``) ``print`` writes a line and its end apart, so two ranks' lines could interleave."""
     sys.stderr.write(message + "\n")
     sys.stderr.flush()
 
